@@ -1,0 +1,265 @@
+//! The tollgate plugin SDK: bindings for the `tollgate:plugin@0.1.0` worlds and the helpers that
+//! make a provider plugin a short file (JSON, errors from HTTP statuses, server-sent events).
+//!
+//! A provider plugin implements [`Provider`] and exports it:
+//!
+//! ```ignore
+//! use tollgate_plugin_sdk::*;
+//! struct MyProvider;
+//! impl Provider for MyProvider { /* describe, build_request, parse_response, ... */ }
+//! tollgate_plugin_sdk::export_provider!(MyProvider);
+//! ```
+//!
+//! Plugins run with no WASI capabilities: do not read the environment, files, clocks or
+//! randomness (std's `HashMap::new` asks for randomness: use `BTreeMap`), and do not print.
+
+/// Generated bindings of the `provider` world.
+pub mod provider {
+    wit_bindgen::generate!({
+        world: "provider",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_provider",
+        default_bindings_module: "tollgate_plugin_sdk::provider",
+    });
+}
+
+/// Generated bindings of the `policy` world.
+pub mod policy {
+    wit_bindgen::generate!({
+        world: "policy",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_policy",
+        default_bindings_module: "tollgate_plugin_sdk::policy",
+    });
+}
+
+pub mod openai;
+
+pub use policy::export_policy;
+pub use provider::export_provider;
+
+pub use policy::exports::tollgate::plugin::policy_api;
+pub use provider::exports::tollgate::plugin::provider_api::Guest as Provider;
+pub use provider::tollgate::plugin::types::{
+    AuthScheme, ChannelContext, ErrorClass, Header, HttpRequest, HttpResponse, Manifest, ModelInfo,
+    ModelPrice, Outbound, PluginError, SseEvent, StreamOutput,
+};
+pub use serde_json;
+
+/// A JSON request for the host to send: `path` is appended to the channel's base URL.
+pub fn json_request(
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+    stream: bool,
+) -> HttpRequest {
+    let mut headers = vec![header("content-type", "application/json")];
+    headers.push(header(
+        "accept",
+        if stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        },
+    ));
+    HttpRequest {
+        method: method.into(),
+        path: path.into(),
+        headers,
+        body: body.to_string().into_bytes(),
+        stream,
+    }
+}
+
+/// A GET request with no body.
+pub fn get_request(path: &str) -> HttpRequest {
+    HttpRequest {
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![header("accept", "application/json")],
+        body: Vec::new(),
+        stream: false,
+    }
+}
+
+pub fn header(name: &str, value: &str) -> Header {
+    Header {
+        name: name.into(),
+        value: value.into(),
+    }
+}
+
+/// The value of a header, matched case-insensitively.
+pub fn header_value<'a>(headers: &'a [Header], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+/// A channel option from config, if set.
+pub fn option<'a>(ctx: &'a ChannelContext, key: &str) -> Option<&'a str> {
+    ctx.options
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+pub fn error(class: ErrorClass, message: impl Into<String>) -> PluginError {
+    PluginError {
+        class,
+        message: message.into(),
+        status: None,
+        retry_after_ms: None,
+    }
+}
+
+/// The client's request cannot be translated.
+pub fn invalid_request(message: impl Into<String>) -> PluginError {
+    error(ErrorClass::InvalidRequest, message)
+}
+
+/// The upstream answered something unusable.
+pub fn upstream_error(message: impl Into<String>) -> PluginError {
+    error(ErrorClass::Upstream, message)
+}
+
+/// Parse JSON text the plugin received from the host (the client's request).
+pub fn parse_request<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, PluginError> {
+    serde_json::from_str(text).map_err(|e| invalid_request(format!("invalid request: {e}")))
+}
+
+/// Parse an upstream body; garbage is an upstream-class error.
+pub fn parse_upstream<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PluginError> {
+    serde_json::from_slice(body)
+        .map_err(|e| upstream_error(format!("malformed upstream response: {e}")))
+}
+
+/// Map a failed upstream response to an error class, with the upstream's own message when it
+/// uses OpenAI's `{"error": {"message"}}` shape (or a top-level `message`).
+pub fn error_from_status(resp: &HttpResponse) -> PluginError {
+    let status = resp.status;
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
+    let field = |key: &str| {
+        parsed.as_ref().and_then(|v| {
+            v.get("error")
+                .and_then(|e| e.get(key))
+                .or_else(|| v.get(key))
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+    };
+    let message = field("message").unwrap_or_else(|| format!("upstream answered HTTP {status}"));
+    let code = field("code").unwrap_or_default();
+    let class = match status {
+        429 => ErrorClass::RateLimited,
+        401 | 403 => ErrorClass::Auth,
+        404 => ErrorClass::NotFound,
+        400 | 422 if code.contains("content_filter") || code.contains("content_policy") => {
+            ErrorClass::ContentRefused
+        }
+        400..=499 => ErrorClass::InvalidRequest,
+        _ => ErrorClass::Upstream,
+    };
+    PluginError {
+        class,
+        message,
+        status: Some(status),
+        retry_after_ms: retry_after_ms(&resp.headers),
+    }
+}
+
+/// `retry-after-ms`, or `retry-after` in seconds.
+pub fn retry_after_ms(headers: &[Header]) -> Option<u64> {
+    if let Some(ms) =
+        header_value(headers, "retry-after-ms").and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(ms);
+    }
+    header_value(headers, "retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| s.saturating_mul(1000))
+}
+
+/// True for the `[DONE]` sentinel that ends OpenAI-style streams.
+pub fn is_done(event: &SseEvent) -> bool {
+    event.data.trim() == "[DONE]"
+}
+
+/// A stream step that emits one chunk.
+pub fn one_chunk(chunk: String) -> StreamOutput {
+    StreamOutput {
+        chunks: vec![chunk],
+        done: false,
+    }
+}
+
+/// The stream step that ends the stream.
+pub fn done() -> StreamOutput {
+    StreamOutput {
+        chunks: Vec::new(),
+        done: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, headers: Vec<Header>, body: &str) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_classes() {
+        let e = error_from_status(&resp(
+            429,
+            vec![header("Retry-After", "3")],
+            r#"{"error":{"message":"slow down"}}"#,
+        ));
+        assert_eq!(e.class, ErrorClass::RateLimited);
+        assert_eq!(e.retry_after_ms, Some(3000));
+        assert_eq!(e.message, "slow down");
+        assert_eq!(
+            error_from_status(&resp(401, vec![], "")).class,
+            ErrorClass::Auth
+        );
+        assert_eq!(
+            error_from_status(&resp(404, vec![], "")).class,
+            ErrorClass::NotFound
+        );
+        assert_eq!(
+            error_from_status(&resp(503, vec![], "oops")).class,
+            ErrorClass::Upstream
+        );
+        let refused = error_from_status(&resp(
+            400,
+            vec![],
+            r#"{"error":{"message":"no","code":"content_policy_violation"}}"#,
+        ));
+        assert_eq!(refused.class, ErrorClass::ContentRefused);
+        assert_eq!(
+            error_from_status(&resp(400, vec![], "{}")).class,
+            ErrorClass::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn retry_after_ms_wins() {
+        let h = vec![header("retry-after-ms", "250"), header("retry-after", "9")];
+        assert_eq!(retry_after_ms(&h), Some(250));
+    }
+
+    #[test]
+    fn garbage_is_an_upstream_error() {
+        let e = parse_upstream::<serde_json::Value>(b"{nope").unwrap_err();
+        assert_eq!(e.class, ErrorClass::Upstream);
+        assert!(e.message.contains("malformed"));
+    }
+}

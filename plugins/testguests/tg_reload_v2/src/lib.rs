@@ -1,0 +1,3 @@
+//! Test guest: version 2.0.0 of the `reload` provider, for the hot-reload tests.
+const VERSION: &str = "2.0.0";
+include!("../../reload_common.rs");

@@ -1,0 +1,252 @@
+//! Builds `AppState`, the two listeners and the layer stack; the one place layer order is written.
+//!
+//! Public listener, outermost layer first (each layer sees the request before the next):
+//! 1. `CatchPanicLayer`: a panicking handler becomes a 500 in OpenAI's body.
+//! 2. `SetRequestIdLayer`: every request gets an `x-request-id` (a client-sent one is kept).
+//! 3. `TraceLayer`: one span per request, named by method and matched path, with the request id;
+//!    never the body.
+//! 4. `PropagateRequestIdLayer`: the id is copied onto every response, errors included.
+//! 5. `log_errors`: logs an error response once, inside the request span (`ErrorLogged`).
+//! 6. `DefaultBodyLimit`: bodies over `server.max_body_bytes` are refused (413, by the extractor).
+//!
+//! The operator listener (`/metrics`, `/healthz`, `/readyz`) is separate and unauthenticated;
+//! bind it to a private address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::plugins::Registry;
+use crate::routing::Routing;
+use crate::upstream::Upstream;
+use crate::{error, server, telemetry};
+
+/// Everything a request needs, shared by all of them.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub routing: Routing,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+    /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
+    config_digest: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// Failures at start-up: fatal, reported by `main`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Plugins(#[from] crate::plugins::LoadError),
+    #[error("building the upstream client: {0}")]
+    Upstream(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("watching: {0}")]
+    Watch(String),
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let plugins = Registry::new(&config.plugins, metrics.clone())?;
+        let routing = Routing::new(&config.routes, plugins);
+        let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
+        let digest = config.source.as_deref().and_then(file_digest);
+        Ok(Arc::new(Self {
+            config: Arc::new(config),
+            routing,
+            upstream,
+            metrics,
+            ready: AtomicBool::new(false),
+            config_digest: std::sync::Mutex::new(digest),
+        }))
+    }
+
+    /// Re-read channels and models from the config file; a bad file keeps the old ones.
+    pub fn reload_routes(&self) {
+        let Some(path) = &self.config.source else {
+            return;
+        };
+        let digest = file_digest(path);
+        {
+            let mut last = self
+                .config_digest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if digest.is_none() || *last == digest {
+                return;
+            }
+            *last = digest;
+        }
+        match crate::config::reload_routes(path) {
+            Ok(routes) => {
+                self.routing.replace(&routes);
+                self.metrics.config_reload("loaded");
+                tracing::info!(file = %path.display(), "channels and models reloaded");
+            }
+            Err(e) => {
+                self.metrics.config_reload("refused");
+                tracing::warn!(file = %path.display(), error = %e, "config change refused; the previous channels and models keep serving");
+            }
+        }
+    }
+}
+
+fn file_digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|bytes| sha2::Sha256::digest(&bytes).into())
+}
+
+/// The public API router with its layer stack.
+pub fn public_router(state: SharedState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    let layers = ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(error::panic_response))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(telemetry::request_span)
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(axum::middleware::from_fn(server::log_errors))
+        .layer(DefaultBodyLimit::max(max_body));
+    server::public_routes().with_state(state).layer(layers)
+}
+
+/// The operator router: metrics and health.
+pub fn operator_router(state: SharedState) -> Router {
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id());
+    server::operator_routes().with_state(state).layer(layers)
+}
+
+/// A running gateway: its bound addresses, and what keeps it alive.
+pub struct Running {
+    pub public_addr: SocketAddr,
+    pub operator_addr: SocketAddr,
+    pub state: SharedState,
+    shutdown: tokio_util::sync::CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+    _watches: Vec<crate::watch::Watch>,
+}
+
+impl Running {
+    /// Stop accepting, let in-flight requests finish, and return when both servers are done.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Wait until the process is asked to stop (SIGINT/SIGTERM), then shut down.
+    pub async fn run_until_signal(self) {
+        telemetry::wait_for_signal().await;
+        tracing::info!("shutting down: finishing requests in flight");
+        self.shutdown().await;
+    }
+}
+
+/// Bind both listeners, start watching plugins and config, and serve.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let public_listen = config.server.listen;
+    let operator_listen = config.operator.listen;
+    let watch_plugins = config.plugins.watch;
+    let state = AppState::new(config)?;
+    let mut watches = Vec::new();
+    if watch_plugins {
+        watches.push(
+            state
+                .routing
+                .plugins()
+                .watch()
+                .map_err(|e| StartError::Watch(e.to_string()))?,
+        );
+    }
+    if let Some(path) = state.config.source.clone() {
+        let weak = Arc::downgrade(&state);
+        let file = std::fs::canonicalize(&path).unwrap_or(path);
+        // Editors replace files by rename: watch the folder and look at our file on any change.
+        let dir = file
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| ".".into());
+        watches.push(
+            crate::watch::spawn(vec![dir], move || {
+                if let Some(st) = weak.upgrade() {
+                    st.reload_routes();
+                }
+            })
+            .map_err(StartError::Watch)?,
+        );
+    }
+    let public = tokio::net::TcpListener::bind(public_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: public_listen,
+            source,
+        })?;
+    let operator = tokio::net::TcpListener::bind(operator_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: operator_listen,
+            source,
+        })?;
+    let public_addr = public.local_addr().map_err(|source| StartError::Bind {
+        addr: public_listen,
+        source,
+    })?;
+    let operator_addr = operator.local_addr().map_err(|source| StartError::Bind {
+        addr: operator_listen,
+        source,
+    })?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let app = public_router(state.clone());
+    let op = operator_router(state.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let r = axum::serve(public, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "public listener failed");
+        }
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let r = axum::serve(operator, op)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "operator listener failed");
+        }
+    });
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%public_addr, %operator_addr, "tollgate is serving");
+    Ok(Running {
+        public_addr,
+        operator_addr,
+        state,
+        shutdown,
+        tasks,
+        _watches: watches,
+    })
+}

@@ -1,0 +1,596 @@
+//! The one typed configuration: `config.yaml` plus `TOLLGATE__*` environment overrides, validated once.
+//!
+//! Parsing is strict (`deny_unknown_fields`), then `RawConfig::validate` turns the raw shape into
+//! [`Config`], reporting every mistake at once with the key that holds it. Nothing else in tollgate
+//! reads configuration files or the environment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+use serde::Deserialize;
+
+/// The configuration that ships inside the binary: what `tollgate serve` uses with no file at all.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config.yaml");
+
+/// A secret value: prints `*****` in `Debug` and `Display`, so it never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself. Callers: the upstream client adding credentials, and nothing that logs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+/// Every mistake found in a configuration, each naming its key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shapes, exactly as written in YAML.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    operator: RawOperator,
+    #[serde(default)]
+    plugins: RawPlugins,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    channels: Vec<RawChannel>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: String,
+}
+
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+fn default_request_timeout() -> String {
+    "300s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    #[serde(default = "default_plugin_dir")]
+    dir: String,
+    #[serde(default = "default_true")]
+    bundled: bool,
+    #[serde(default = "default_plugin_memory")]
+    memory_limit_bytes: usize,
+    #[serde(default = "default_plugin_timeout")]
+    call_timeout: String,
+    #[serde(default = "default_plugin_instances")]
+    max_instances: u32,
+    #[serde(default = "default_watch")]
+    watch: bool,
+}
+
+impl Default for RawPlugins {
+    fn default() -> Self {
+        Self {
+            dir: default_plugin_dir(),
+            bundled: true,
+            memory_limit_bytes: default_plugin_memory(),
+            call_timeout: default_plugin_timeout(),
+            max_instances: default_plugin_instances(),
+            watch: true,
+        }
+    }
+}
+
+fn default_plugin_dir() -> String {
+    "plugins".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_watch() -> bool {
+    true
+}
+fn default_plugin_memory() -> usize {
+    64 * 1024 * 1024
+}
+fn default_plugin_timeout() -> String {
+    "100ms".into()
+}
+fn default_plugin_instances() -> u32 {
+    1000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout: String,
+    #[serde(default = "default_request_timeout")]
+    timeout: String,
+    #[serde(default = "default_idle_timeout")]
+    stream_idle_timeout: String,
+    #[serde(default = "default_pool")]
+    pool_max_idle_per_host: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            timeout: default_request_timeout(),
+            stream_idle_timeout: default_idle_timeout(),
+            pool_max_idle_per_host: default_pool(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> String {
+    "5s".into()
+}
+fn default_idle_timeout() -> String {
+    "60s".into()
+}
+fn default_pool() -> usize {
+    256
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChannel {
+    name: String,
+    plugin: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    /// Name of the environment variable that holds the upstream credential.
+    #[serde(default)]
+    api_key_env: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    /// The public name clients send as `model`.
+    name: String,
+    channel: String,
+    /// The upstream's model id; defaults to `name`.
+    #[serde(default)]
+    upstream_model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_log_filter")]
+    filter: String,
+    #[serde(default)]
+    json: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            filter: default_log_filter(),
+            json: false,
+        }
+    }
+}
+
+fn default_log_filter() -> String {
+    "info".into()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated shapes: what the rest of tollgate uses.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub operator: OperatorConfig,
+    pub plugins: PluginsConfig,
+    pub upstream: UpstreamConfig,
+    /// Channels and models: the part of the configuration that is reloaded while serving.
+    pub routes: RoutesConfig,
+    pub log: LogConfig,
+    /// Where the configuration came from (`None` for the embedded defaults).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginsConfig {
+    pub dir: PathBuf,
+    pub bundled: bool,
+    pub memory_limit_bytes: usize,
+    pub call_timeout: Duration,
+    pub max_instances: u32,
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RoutesConfig {
+    pub channels: Vec<ChannelConfig>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    pub name: String,
+    pub plugin: String,
+    /// Base URL of the upstream, without a trailing slash; empty for offline plugins.
+    pub base_url: String,
+    pub credential: Option<Secret>,
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub channel: String,
+    pub upstream_model: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub filter: String,
+    pub json: bool,
+}
+
+/// Where environment variables come from: the process, or a map in tests.
+pub trait EnvSource {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "config.rs is the one place that reads the environment"
+    )]
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl EnvSource for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+}
+
+/// Load the configuration: the file at `path` (or the embedded defaults), then `TOLLGATE__*`
+/// environment overrides (`TOLLGATE__SERVER__LISTEN=127.0.0.1:0`), then validation.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let figment = match path {
+        Some(p) => Figment::new().merge(Yaml::file_exact(p)),
+        None => Figment::new().merge(Yaml::string(EMBEDDED_DEFAULTS)),
+    }
+    .merge(Env::prefixed("TOLLGATE__").split("__"));
+    let raw: RawConfig = figment
+        .extract()
+        .map_err(|e| ConfigError::Parse(describe_figment(e)))?;
+    raw.validate(&ProcessEnv, path.map(Path::to_path_buf))
+}
+
+/// Load only the hot part (channels and models) again, for a running gateway.
+pub fn reload_routes(path: &Path) -> Result<RoutesConfig, ConfigError> {
+    load(Some(path)).map(|c| c.routes)
+}
+
+/// Parse a YAML text with an explicit environment: for tests.
+pub fn from_yaml(text: &str, env: &dyn EnvSource) -> Result<Config, ConfigError> {
+    let raw: RawConfig = Figment::new()
+        .merge(Yaml::string(text))
+        .extract()
+        .map_err(|e| ConfigError::Parse(describe_figment(e)))?;
+    raw.validate(env, None)
+}
+
+fn describe_figment(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() {
+                String::from("(top level)")
+            } else {
+                e.path.join(".")
+            };
+            format!("{key}: {}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Parse durations like `250ms`, `5s`, `2m`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        _ => None,
+    }
+}
+
+impl RawConfig {
+    fn validate(self, env: &dyn EnvSource, source: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut addr = |key: &str, v: &str| -> SocketAddr {
+            v.parse().unwrap_or_else(|_| {
+                problems.push(format!(
+                    "{key}: `{v}` is not an address like 127.0.0.1:8080"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            })
+        };
+        let listen = addr("server.listen", &self.server.listen);
+        let op_listen = addr("operator.listen", &self.operator.listen);
+        let mut dur = |key: &str, v: &str| -> Duration {
+            match parse_duration(v) {
+                Some(d) if !d.is_zero() => d,
+                _ => {
+                    problems.push(format!(
+                        "{key}: `{v}` is not a positive duration like 250ms, 5s or 2m"
+                    ));
+                    Duration::from_secs(1)
+                }
+            }
+        };
+        let request_timeout = dur("server.request_timeout", &self.server.request_timeout);
+        let call_timeout = dur("plugins.call_timeout", &self.plugins.call_timeout);
+        let connect_timeout = dur("upstream.connect_timeout", &self.upstream.connect_timeout);
+        let up_timeout = dur("upstream.timeout", &self.upstream.timeout);
+        let idle = dur(
+            "upstream.stream_idle_timeout",
+            &self.upstream.stream_idle_timeout,
+        );
+        if self.server.max_body_bytes == 0 {
+            problems.push("server.max_body_bytes: must be above 0".into());
+        }
+        if self.plugins.memory_limit_bytes < 1024 * 1024 {
+            problems.push("plugins.memory_limit_bytes: must be at least 1048576 (1 MiB)".into());
+        }
+        if self.plugins.max_instances == 0 {
+            problems.push("plugins.max_instances: must be above 0".into());
+        }
+        let routes = validate_routes(self.channels, self.models, env, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                max_body_bytes: self.server.max_body_bytes,
+                request_timeout,
+            },
+            operator: OperatorConfig { listen: op_listen },
+            plugins: PluginsConfig {
+                dir: PathBuf::from(self.plugins.dir),
+                bundled: self.plugins.bundled,
+                memory_limit_bytes: self.plugins.memory_limit_bytes,
+                call_timeout,
+                max_instances: self.plugins.max_instances,
+                watch: self.plugins.watch,
+            },
+            upstream: UpstreamConfig {
+                connect_timeout,
+                timeout: up_timeout,
+                stream_idle_timeout: idle,
+                pool_max_idle_per_host: self.upstream.pool_max_idle_per_host,
+            },
+            routes,
+            log: LogConfig {
+                filter: self.log.filter,
+                json: self.log.json,
+            },
+            source,
+        })
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
+}
+
+fn validate_routes(
+    channels: Vec<RawChannel>,
+    models: Vec<RawModel>,
+    env: &dyn EnvSource,
+    problems: &mut Vec<String>,
+) -> RoutesConfig {
+    let mut out = RoutesConfig::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, ch) in channels.into_iter().enumerate() {
+        let key = format!("channels[{i}]");
+        if !is_name(&ch.name) {
+            problems.push(format!(
+                "{key}.name: `{}` must be 1-64 letters, digits, - _ . : /",
+                ch.name
+            ));
+        }
+        if !seen.insert(ch.name.clone()) {
+            problems.push(format!(
+                "{key}.name: channel `{}` is defined twice",
+                ch.name
+            ));
+        }
+        if !is_name(&ch.plugin) {
+            problems.push(format!(
+                "{key}.plugin: `{}` is not a plugin name",
+                ch.plugin
+            ));
+        }
+        let base_url = ch.base_url.unwrap_or_default();
+        let base_url = base_url.trim_end_matches('/').to_string();
+        if !base_url.is_empty() && reqwest::Url::parse(&base_url).is_err() {
+            problems.push(format!("{key}.base_url: `{base_url}` is not a URL"));
+        }
+        let credential = match ch.api_key_env {
+            Some(var) => match env.get(&var) {
+                Some(v) => Some(Secret::new(v)),
+                None => {
+                    problems.push(format!(
+                        "{key}.api_key_env: environment variable `{var}` is not set"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        out.channels.push(ChannelConfig {
+            name: ch.name,
+            plugin: ch.plugin,
+            base_url,
+            credential,
+            options: ch.options,
+        });
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, m) in models.into_iter().enumerate() {
+        let key = format!("models[{i}]");
+        if !is_name(&m.name) {
+            problems.push(format!("{key}.name: `{}` is not a model name", m.name));
+        }
+        if !names.insert(m.name.clone()) {
+            problems.push(format!("{key}.name: model `{}` is defined twice", m.name));
+        }
+        if !seen.contains(&m.channel) {
+            problems.push(format!(
+                "{key}.channel: no channel named `{}` (known: {})",
+                m.channel,
+                seen.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        out.models.push(ModelConfig {
+            upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
+            name: m.name,
+            channel: m.channel,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let cfg = from_yaml(EMBEDDED_DEFAULTS, &BTreeMap::new()).unwrap();
+        assert!(cfg.routes.models.iter().any(|m| m.name == "demo-chat"));
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let yaml = r#"
+server: { listen: "nowhere", request_timeout: "soon" }
+operator: { listen: "127.0.0.1:0" }
+channels:
+  - { name: a, plugin: openai, base_url: "not a url", api_key_env: MISSING_KEY }
+models:
+  - { name: m, channel: b }
+"#;
+        let err = from_yaml(yaml, &BTreeMap::new()).unwrap_err().to_string();
+        for key in [
+            "server.listen",
+            "server.request_timeout",
+            "channels[0].base_url",
+            "channels[0].api_key_env",
+            "models[0].channel",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let yaml = "server: { listen: \"127.0.0.1:0\", lisen: 1 }\noperator: { listen: \"127.0.0.1:0\" }\n";
+        let err = from_yaml(yaml, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("sk-very-secret");
+        assert_eq!(format!("{s:?} {s}"), "***** *****");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("fast"), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! `ApiError`: the one place where errors become HTTP responses.
+//!
+//! Every boundary has its own error type (`plugins::PluginError`, `upstream::UpstreamError`,
+//! `routing::RoutingError`, ...). `ApiError` wraps them, maps each variant to a status in one
+//! exhaustive `match` (no `_ =>`), gives a stable `kind()` for `error.code` and metric labels, and
+//! renders OpenAI's body (`{"error": {"message", "type", "code", "param"}}`). Internal details stay
+//! in the log; the client sees a clear message and the request id.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::plugins::{GuestErrorClass, PluginError};
+use crate::routing::RoutingError;
+use crate::upstream::UpstreamError;
+
+/// Errors in the client's request itself.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("unsupported media type: send `Content-Type: application/json`")]
+    UnsupportedMediaType,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("the request did not finish within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    #[error("route not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self::Request(RequestError::Invalid {
+            message: message.into(),
+            param,
+        })
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Request(RequestError::Invalid { .. }) => StatusCode::BAD_REQUEST,
+            Self::Request(RequestError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Request(RequestError::UnsupportedMediaType) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Routing(RoutingError::UnknownModel(_)) => StatusCode::NOT_FOUND,
+            Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Plugin(e) => match e {
+                PluginError::Guest { class, .. } => match class {
+                    GuestErrorClass::InvalidRequest => StatusCode::BAD_REQUEST,
+                    GuestErrorClass::ContentRefused => StatusCode::BAD_REQUEST,
+                    GuestErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+                    GuestErrorClass::Auth => StatusCode::BAD_GATEWAY,
+                    GuestErrorClass::NotFound => StatusCode::BAD_GATEWAY,
+                    GuestErrorClass::Upstream => StatusCode::BAD_GATEWAY,
+                },
+                PluginError::Trap { .. }
+                | PluginError::Timeout { .. }
+                | PluginError::OutOfMemory { .. }
+                | PluginError::BadOutput { .. } => StatusCode::BAD_GATEWAY,
+                PluginError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Self::Upstream(e) => match e {
+                UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Connect { .. }
+                | UpstreamError::Io { .. }
+                | UpstreamError::Truncated { .. }
+                | UpstreamError::BadRequest { .. } => StatusCode::BAD_GATEWAY,
+            },
+            Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, low-cardinality name: OpenAI's `error.code` and the `outcome` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Request(RequestError::Invalid { .. }) => "invalid_request",
+            Self::Request(RequestError::TooLarge { .. }) => "request_too_large",
+            Self::Request(RequestError::UnsupportedMediaType) => "unsupported_media_type",
+            Self::Routing(RoutingError::UnknownModel(_)) => "model_not_found",
+            Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
+            Self::Plugin(e) => match e {
+                PluginError::Guest { class, .. } => match class {
+                    GuestErrorClass::InvalidRequest => "invalid_request",
+                    GuestErrorClass::ContentRefused => "content_policy_violation",
+                    GuestErrorClass::RateLimited => "upstream_rate_limited",
+                    GuestErrorClass::Auth => "upstream_auth_failed",
+                    GuestErrorClass::NotFound => "upstream_not_found",
+                    GuestErrorClass::Upstream => "upstream_error",
+                },
+                PluginError::Trap { .. } => "plugin_trap",
+                PluginError::Timeout { .. } => "plugin_timeout",
+                PluginError::OutOfMemory { .. } => "plugin_memory_limit",
+                PluginError::BadOutput { .. } => "plugin_bad_output",
+                PluginError::Busy { .. } => "plugin_busy",
+            },
+            Self::Upstream(e) => match e {
+                UpstreamError::Timeout { .. } => "upstream_timeout",
+                UpstreamError::Connect { .. } => "upstream_unreachable",
+                UpstreamError::Io { .. } => "upstream_io",
+                UpstreamError::Truncated { .. } => "upstream_truncated",
+                UpstreamError::BadRequest { .. } => "plugin_bad_output",
+            },
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn openai_type(&self) -> &'static str {
+        let status = self.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            "rate_limit_error"
+        } else if status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "api_error"
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::Request(RequestError::Invalid { param, .. }) => *param,
+            Self::Routing(RoutingError::UnknownModel(_)) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The message the client sees: never internal details.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Internal(_) => {
+                "internal error; quote the x-request-id header when reporting it".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The body in OpenAI's error shape.
+    pub fn openai_body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.public_message(),
+                "type": self.openai_type(),
+                "code": self.kind(),
+                "param": self.param(),
+            }
+        })
+    }
+
+    /// Retry hint for 429s that came from the upstream.
+    fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::Plugin(PluginError::Guest {
+                retry_after_ms: Some(ms),
+                ..
+            }) => Some(ms.div_ceil(1000).max(1)),
+            _ => None,
+        }
+    }
+}
+
+/// Marks a response as an error so the logging layer can record it once, inside the request span.
+#[derive(Clone, Debug)]
+pub struct ErrorLogged {
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = self.openai_body().to_string();
+        let mut resp = (status, body).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after_secs()
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        let detail = match &self {
+            Self::Internal(d) => d.clone(),
+            other => other.to_string(),
+        };
+        resp.extensions_mut().insert(ErrorLogged {
+            kind: self.kind(),
+            detail,
+        });
+        resp
+    }
+}
+
+/// The response for a handler that panicked (`CatchPanicLayer`): a 500 in OpenAI's body.
+pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("handler panicked".into()).into_response()
+}

@@ -1,0 +1,17 @@
+//! tollgate: one OpenAI-compatible API and one key for every model provider.
+//!
+//! The modules follow the request path (see ARCHITECTURE.md): `server` → `pipeline` →
+//! `routing` → `plugins` → `upstream`, with `config`, `error`, `metrics` and `telemetry` around
+//! them.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod plugins;
+pub mod routing;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+pub mod watch;

@@ -1,0 +1,218 @@
+//! Every Prometheus metric tollgate exports, defined once. Labels come from closed sets only
+//! (configured model names, loaded plugin names, fixed outcome names), never from request text.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub model: String,
+    pub provider: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginCallLabels {
+    pub plugin: String,
+    pub call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginFailureLabels {
+    pub plugin: String,
+    pub call: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLoadLabels {
+    pub plugin: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~100 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+}
+
+/// The metrics of the request path. Other modules register their own families into the same
+/// registry (`Metrics::registry_mut` at start-up).
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    upstream_duration: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    plugin_calls: Family<PluginCallLabels, Histogram, fn() -> Histogram>,
+    plugin_failures: Family<PluginFailureLabels, Counter>,
+    plugin_loads: Family<PluginLoadLabels, Counter>,
+    config_reloads: Family<OutcomeLabels, Counter>,
+    registry: std::sync::RwLock<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by route, model, provider and outcome",
+            requests.clone(),
+        );
+        let request_duration: Family<RouteLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers (streams: to the first byte)",
+            request_duration.clone(),
+        );
+        let upstream_duration: Family<ProviderLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from sending to the upstream until its response headers",
+            upstream_duration.clone(),
+        );
+        let plugin_calls: Family<PluginCallLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "plugin_call_duration_seconds",
+            "Duration of each plugin call",
+            plugin_calls.clone(),
+        );
+        let plugin_failures = Family::<PluginFailureLabels, Counter>::default();
+        registry.register(
+            "plugin_failures",
+            "Plugin calls that trapped, overran a limit or returned unusable output",
+            plugin_failures.clone(),
+        );
+        let plugin_loads = Family::<PluginLoadLabels, Counter>::default();
+        registry.register(
+            "plugin_loads",
+            "Plugin (re)loads by outcome: loaded, refused, removed",
+            plugin_loads.clone(),
+        );
+        let config_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Reloads of channels and models from the config file, by outcome",
+            config_reloads.clone(),
+        );
+        Self {
+            requests,
+            request_duration,
+            upstream_duration,
+            plugin_calls,
+            plugin_failures,
+            plugin_loads,
+            config_reloads,
+            registry: std::sync::RwLock::new(registry),
+        }
+    }
+
+    /// Let another module register its own metric families.
+    pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
+        let mut reg = self
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut reg);
+    }
+
+    pub fn request(&self, route: &'static str, model: &str, provider: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                model: model.to_string(),
+                provider: provider.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn request_duration(&self, route: &'static str, d: Duration) {
+        self.request_duration
+            .get_or_create(&RouteLabels { route })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn upstream_duration(&self, provider: &str, d: Duration) {
+        self.upstream_duration
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn plugin_call(&self, plugin: &str, call: &'static str, d: Duration) {
+        self.plugin_calls
+            .get_or_create(&PluginCallLabels {
+                plugin: plugin.to_string(),
+                call,
+            })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn plugin_failure(&self, plugin: &str, call: &'static str, reason: &'static str) {
+        self.plugin_failures
+            .get_or_create(&PluginFailureLabels {
+                plugin: plugin.to_string(),
+                call,
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn plugin_load(&self, plugin: &str, outcome: &'static str) {
+        self.plugin_loads
+            .get_or_create(&PluginLoadLabels {
+                plugin: plugin.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn config_reload(&self, outcome: &'static str) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let reg = self
+            .registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

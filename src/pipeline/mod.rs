@@ -1,0 +1,3 @@
+//! The request path as plain calls, one file per API. Handlers in `server` call these.
+
+pub mod chat;

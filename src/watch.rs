@@ -1,0 +1,51 @@
+//! Debounced file watching: the plugins folder and the config file reload through this.
+//!
+//! A notify watcher feeds a channel; one thread waits for a quiet period after the last event
+//! and then runs the callback, so a file copied in several writes is looked at once it settles.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+/// How long the folder must stay quiet before the callback runs.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A running watch; dropping it stops the watcher and its thread.
+pub struct Watch {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Watch `paths` (folders or files, non-recursively) and run `on_change` after changes settle.
+pub fn spawn(paths: Vec<PathBuf>, on_change: impl Fn() + Send + 'static) -> Result<Watch, String> {
+    let (tx, rx) = mpsc::channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    for p in &paths {
+        // A folder that does not exist yet is created so that it can be watched.
+        if p.extension().is_none() && !p.exists() {
+            let _ = std::fs::create_dir_all(p);
+        }
+        watcher
+            .watch(p, RecursiveMode::NonRecursive)
+            .map_err(|e| format!("watching {}: {e}", p.display()))?;
+    }
+    std::thread::Builder::new()
+        .name("tollgate-watch".into())
+        .spawn(move || {
+            // Ends when the watcher (and so the sender) is dropped.
+            while rx.recv().is_ok() {
+                while rx.recv_timeout(DEBOUNCE).is_ok() {}
+                on_change();
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(Watch { _watcher: watcher })
+}

@@ -1,0 +1,411 @@
+//! Test harness: the gateway in-process on 127.0.0.1:0, and a mock OpenAI upstream that speaks
+//! the documented wire format (recorded fixtures in `tests/fixtures/openai/`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+/// Where the build put every plugin component (bundled ones and test guests).
+pub fn artifact(name: &str) -> PathBuf {
+    Path::new(env!("TOLLGATE_PLUGIN_ARTIFACTS")).join(format!("{name}.wasm"))
+}
+
+pub fn fixture(path: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mock upstream
+// ---------------------------------------------------------------------------------------------
+
+/// What the mock does for `/v1/chat/completions`, chosen per request by the `model` field.
+/// Models: `ok`, `stream` (or any with `"stream": true`), `fail500`, `hang`, `malformed`,
+/// `truncated`, `slow-stream` (one chunk, then waits for the client to go away), `ratelimit`.
+#[derive(Default)]
+pub struct MockState {
+    pub hits: AtomicUsize,
+    pub cancels: AtomicUsize,
+    pub requests: Mutex<Vec<Recorded>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(MockState::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(mock_chat))
+            .route("/v1/models", get(mock_models))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, state }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn cancels(&self) -> usize {
+        self.state.cancels.load(Ordering::SeqCst)
+    }
+
+    pub fn last(&self) -> Recorded {
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("no request recorded")
+    }
+}
+
+async fn mock_models() -> Response {
+    (
+        [("content-type", "application/json")],
+        fixture("openai/models.json"),
+    )
+        .into_response()
+}
+
+/// Counts a cancel when the response body is dropped before it finished.
+struct CancelGuard {
+    state: Arc<MockState>,
+    finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.cancels.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn mock_chat(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let text = String::from_utf8_lossy(&body).to_string();
+    state.requests.lock().unwrap().push(Recorded {
+        path: uri.path().to_string(),
+        query: uri.query().map(str::to_string),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect(),
+        body: text.clone(),
+    });
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let model = json["model"].as_str().unwrap_or("ok").to_string();
+    let stream = json["stream"].as_bool().unwrap_or(false);
+    match model.as_str() {
+        "fail500" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+        )
+            .into_response(),
+        "ratelimit" => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("content-type", "application/json"), ("retry-after", "7")],
+            r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+        )
+            .into_response(),
+        "hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+        "malformed" => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            r#"{"id": "chatcmpl-1", "choices": [ {"index": 0, "mess"#,
+        )
+            .into_response(),
+        "truncated" => {
+            let full = fixture("openai/chat_stream.sse");
+            let cut: String = full.lines().take(4).map(|l| format!("{l}\n")).collect();
+            sse(Body::from(cut))
+        }
+        "slow-stream" => {
+            let guard = CancelGuard {
+                state: state.clone(),
+                finished: false,
+            };
+            let first = fixture("openai/chat_stream.sse")
+                .split("\n\n")
+                .next()
+                .unwrap()
+                .to_string()
+                + "\n\n";
+            let s = futures::stream::unfold((0u8, guard), move |(step, guard)| {
+                let first = first.clone();
+                async move {
+                    if step == 0 {
+                        Some((Ok::<_, std::io::Error>(Bytes::from(first)), (1, guard)))
+                    } else {
+                        // Never finishes: only a cancel ends this stream.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        None
+                    }
+                }
+            });
+            sse(Body::from_stream(s))
+        }
+        _ if stream => sse(Body::from(fixture("openai/chat_stream.sse"))),
+        _ => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            fixture("openai/chat.json"),
+        )
+            .into_response(),
+    }
+}
+
+fn sse(body: Body) -> Response {
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .body(body)
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway under test
+// ---------------------------------------------------------------------------------------------
+
+pub struct TestGateway {
+    pub running: Option<tollgate::app::Running>,
+    pub public: String,
+    pub operator: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+}
+
+/// A config with the demo channel, an `openai` channel on `upstream` (key `sk-test-secret`), and
+/// extra YAML for channels and models appended by the test.
+pub fn config_yaml(
+    upstream: Option<&str>,
+    extra_channels: &str,
+    extra_models: &str,
+    plugin_dir: &Path,
+) -> String {
+    let openai_channel = upstream
+        .map(|u| {
+            format!(
+                "  - {{ name: mock, plugin: openai, base_url: \"{u}\", api_key_env: MOCK_KEY }}\n"
+            )
+        })
+        .unwrap_or_default();
+    let openai_models = if upstream.is_some() {
+        [
+            "gpt-test",
+            "ok",
+            "fail500",
+            "ratelimit",
+            "hang",
+            "malformed",
+            "truncated",
+            "slow-stream",
+        ]
+        .iter()
+        .map(|m| format!("  - {{ name: {m}, channel: mock }}\n"))
+        .collect::<String>()
+    } else {
+        String::new()
+    };
+    format!(
+        r#"server:
+  listen: 127.0.0.1:0
+  max_body_bytes: 65536
+  request_timeout: 30s
+operator:
+  listen: 127.0.0.1:0
+plugins:
+  dir: {dir}
+  call_timeout: 200ms
+  memory_limit_bytes: 33554432
+  max_instances: 200
+upstream:
+  connect_timeout: 2s
+  timeout: 1500ms
+  stream_idle_timeout: 2s
+channels:
+  - {{ name: demo, plugin: demo }}
+{openai_channel}{extra_channels}
+models:
+  - {{ name: demo-chat, channel: demo }}
+{openai_models}{extra_models}
+log:
+  filter: warn
+"#,
+        dir = plugin_dir.display()
+    )
+}
+
+pub fn test_env() -> BTreeMap<String, String> {
+    BTreeMap::from([("MOCK_KEY".to_string(), "sk-test-secret".to_string())])
+}
+
+impl TestGateway {
+    /// Start with a config text (no file: no config reload).
+    pub async fn start_yaml(yaml: &str, dir: tempfile::TempDir) -> Self {
+        let cfg = tollgate::config::from_yaml(yaml, &test_env()).expect("test config is valid");
+        Self::start_config(cfg, dir).await
+    }
+
+    /// Start from a config file written into `dir` (so that editing it reloads routes).
+    pub async fn start_file(yaml: &str, dir: tempfile::TempDir) -> Self {
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let cfg = tollgate::config::load(Some(&path)).expect("test config is valid");
+        Self::start_config(cfg, dir).await
+    }
+
+    pub async fn start_config(cfg: tollgate::config::Config, dir: tempfile::TempDir) -> Self {
+        let running = tollgate::app::start(cfg).await.expect("gateway starts");
+        let public = format!("http://{}", running.public_addr);
+        let operator = format!("http://{}", running.operator_addr);
+        Self {
+            running: Some(running),
+            public,
+            operator,
+            client: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    /// Demo channel plus the mock upstream.
+    pub async fn with_upstream(upstream: &MockUpstream) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        let yaml = config_yaml(Some(&upstream.base_url()), "", "", &plugins);
+        Self::start_yaml(&yaml, dir).await
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    pub async fn chat(&self, model: &str, stream: bool) -> reqwest::Response {
+        self.post_json(
+            "/v1/chat/completions",
+            serde_json::json!({
+                "model": model,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "Say hello"}],
+            }),
+        )
+        .await
+    }
+
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.public))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.public))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.operator))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// Split an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            let data: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Assert an OpenAI error body with the given status and code.
+pub async fn assert_openai_error(
+    resp: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert!(
+        resp.headers().contains_key("x-request-id"),
+        "x-request-id missing"
+    );
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    assert_eq!(body["error"]["code"], code, "body: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "body: {body}"
+    );
+    assert!(body["error"]["type"].is_string(), "body: {body}");
+    body
+}

@@ -1,0 +1,59 @@
+"""The official `openai` Python SDK against a running tollgate (base URL from TOLLGATE_BASE_URL).
+
+Run by tests/openai_sdk.rs, which starts the real `tollgate serve` binary on 127.0.0.1:0.
+Exits non-zero on the first failed check.
+"""
+
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+base_url = os.environ["TOLLGATE_BASE_URL"]
+api_key = os.environ.get("TOLLGATE_API_KEY", "no-key-needed-for-the-demo")
+client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=30)
+
+# Not streamed.
+resp = client.chat.completions.create(
+    model="demo-chat",
+    messages=[{"role": "user", "content": "Hello from the SDK"}],
+)
+assert resp.object == "chat.completion", resp
+text = resp.choices[0].message.content
+assert "Hello from the SDK" in text, text
+assert resp.usage is not None and resp.usage.completion_tokens > 0, resp.usage
+
+# Streamed.
+stream = client.chat.completions.create(
+    model="demo-chat",
+    messages=[{"role": "user", "content": "Hello from the SDK"}],
+    stream=True,
+    stream_options={"include_usage": True},
+)
+parts = []
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        parts.append(chunk.choices[0].delta.content)
+assert "".join(parts) == text, ("".join(parts), text)
+
+# Models.
+ids = [m.id for m in client.models.list()]
+assert "demo-chat" in ids, ids
+
+# Errors arrive as the SDK's typed exceptions, from OpenAI's error body.
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert e.status_code == 404
+    assert e.body["code"] == "model_not_found", e.body
+    assert e.response.headers.get("x-request-id"), "x-request-id missing"
+
+try:
+    client.chat.completions.create(model="demo-chat", messages=[])
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.status_code == 400
+
+print("openai sdk: all checks passed", file=sys.stderr)

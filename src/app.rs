@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -217,6 +218,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         addr: operator_listen,
         source,
     })?;
+    // Small responses and SSE frames must leave at once: no Nagle delay on accepted sockets.
+    let public = public.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let operator = operator.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     let app = public_router(state.clone());

@@ -130,7 +130,7 @@ struct CompletionCheck {
     _choices: Vec<serde::de::IgnoredAny>,
 }
 
-#[tracing::instrument(name = "pipeline.chat", skip_all, fields(model = %req.model, stream = req.stream, provider = tracing::field::Empty))]
+#[tracing::instrument(name = "pipeline.chat", level = "debug", skip_all, fields(model = %req.model, stream = req.stream, provider = tracing::field::Empty))]
 pub async fn chat(st: &AppState, req: ChatRequest) -> Result<ChatReply, ApiError> {
     let pick = st.routing.pick(&req.model)?;
     let provider = pick.plugin.name().to_string();

@@ -98,10 +98,11 @@ async fn chat_completions(
             return e.into_response();
         }
     };
-    let model_label = if st.routing.pick(&model).is_ok() {
-        model.as_str()
-    } else {
-        "unknown"
+    // Only configured names become label values (a closed set); anything else is "unknown".
+    let model_label = match &reply {
+        Ok(_) => model.as_str(),
+        Err(ApiError::Routing(crate::routing::RoutingError::UnknownModel(_))) => "unknown",
+        Err(_) => model.as_str(),
     };
     match reply {
         Ok(ChatReply::Json { body, provider }) => {

@@ -70,7 +70,7 @@ impl Upstream {
     }
 
     /// Send the request and wait for the response headers (within the upstream timeout).
-    #[tracing::instrument(name = "upstream.send", skip_all, fields(channel = target.channel, status = tracing::field::Empty))]
+    #[tracing::instrument(name = "upstream.send", level = "debug", skip_all, fields(channel = target.channel, status = tracing::field::Empty))]
     pub async fn send(
         &self,
         target: &Target<'_>,

@@ -137,6 +137,9 @@ fn main() {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let app = Router::new().route("/v1/chat/completions", post(mock));
             axum::serve(listener, app).await.unwrap();
         });

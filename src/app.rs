@@ -2,10 +2,11 @@
 //!
 //! Public listener, outermost layer first (each layer sees the request before the next):
 //! 1. `CatchPanicLayer`: a panicking handler becomes a 500 in OpenAI's body.
-//! 2. `SetRequestIdLayer`: every request gets an `x-request-id` (a client-sent one is kept).
+//! 2. `server::request_id`: every request gets a fresh `x-request-id` (a client-sent one is
+//!    replaced: the id names ledger entries, so it must be ours), copied onto every response.
 //! 3. `TraceLayer`: one span per request, named by method and matched path, with the request id;
 //!    never the body.
-//! 4. `PropagateRequestIdLayer`: the id is copied onto every response, errors included.
+//! 4. (the handlers authenticate the caller themselves: anonymous access depends on the model)
 //! 5. `log_errors`: logs an error response once, inside the request span (`ErrorLogged`).
 //! 6. `DefaultBodyLimit`: bodies over `server.max_body_bytes` are refused (413, by the extractor).
 //!
@@ -21,13 +22,15 @@ use axum::extract::DefaultBodyLimit;
 use axum::serve::ListenerExt;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Authenticator;
+use crate::billing::Billing;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::plugins::Registry;
 use crate::routing::Routing;
+use crate::store::Db;
 use crate::upstream::Upstream;
 use crate::{error, server, telemetry};
 
@@ -37,6 +40,8 @@ pub struct AppState {
     pub routing: Routing,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    pub auth: Authenticator,
+    pub billing: Billing,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -58,11 +63,25 @@ pub enum StartError {
     },
     #[error("watching: {0}")]
     Watch(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("reconciling open reservations: {0}")]
+    Reconcile(#[from] crate::billing::BillingError),
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+    pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
+        let db = Db::connect(&config.database.url).await?;
+        let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
+        let billing = Billing::new(db, config.billing.reservation_ttl, Some(metrics.clone()));
+        let released = billing.reconcile(true).await?;
+        if released > 0 {
+            tracing::warn!(
+                released,
+                "released reservations left open by an earlier run"
+            );
+        }
         let plugins = Registry::new(&config.plugins, metrics.clone())?;
         let routing = Routing::new(&config.routes, plugins);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
@@ -72,6 +91,8 @@ impl AppState {
             routing,
             upstream,
             metrics,
+            auth,
+            billing,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
         }))
@@ -119,13 +140,12 @@ pub fn public_router(state: SharedState) -> Router {
     let max_body = state.config.server.max_body_bytes;
     let layers = ServiceBuilder::new()
         .layer(CatchPanicLayer::custom(error::panic_response))
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::from_fn(server::request_id))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(telemetry::request_span)
                 .on_failure(()),
         )
-        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(axum::middleware::from_fn(server::log_errors))
         .layer(DefaultBodyLimit::max(max_body));
     server::public_routes().with_state(state).layer(layers)
@@ -133,10 +153,10 @@ pub fn public_router(state: SharedState) -> Router {
 
 /// The operator router: metrics and health.
 pub fn operator_router(state: SharedState) -> Router {
-    let layers = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::x_request_id());
-    server::operator_routes().with_state(state).layer(layers)
+    server::operator_routes()
+        .merge(crate::admin::router())
+        .with_state(state)
+        .layer(axum::middleware::from_fn(server::request_id))
 }
 
 /// A running gateway: its bound addresses, and what keeps it alive.
@@ -170,7 +190,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let public_listen = config.server.listen;
     let operator_listen = config.operator.listen;
     let watch_plugins = config.plugins.watch;
-    let state = AppState::new(config)?;
+    let state = AppState::new(config).await?;
     let mut watches = Vec::new();
     if watch_plugins {
         watches.push(
@@ -245,6 +265,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "operator listener failed");
+        }
+    });
+    // The sweeper: reservations whose request died with another instance expire and are released.
+    let sweeper = Arc::downgrade(&state);
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let Some(st) = sweeper.upgrade() else { break };
+            if let Err(e) = st.billing.reconcile(false).await {
+                tracing::warn!(error = %e, "sweeping expired reservations failed");
+            }
         }
     });
     state.ready.store(true, Ordering::Release);

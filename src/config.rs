@@ -71,6 +71,66 @@ struct RawConfig {
     models: Vec<RawModel>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    billing: RawBilling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    #[serde(default = "default_db_url")]
+    url: String,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        Self {
+            url: default_db_url(),
+        }
+    }
+}
+
+fn default_db_url() -> String {
+    "sqlite://data/tollgate.db".into()
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    /// Models callable with no key at all (free, offline ones: the demo).
+    #[serde(default)]
+    anonymous_models: Vec<String>,
+    #[serde(default)]
+    cache_ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    #[serde(default = "default_max_output")]
+    default_max_output_tokens: u64,
+    #[serde(default = "default_hold_ttl")]
+    reservation_ttl: String,
+}
+
+impl Default for RawBilling {
+    fn default() -> Self {
+        Self {
+            default_max_output_tokens: default_max_output(),
+            reservation_ttl: default_hold_ttl(),
+        }
+    }
+}
+
+fn default_max_output() -> u64 {
+    4096
+}
+fn default_hold_ttl() -> String {
+    "15m".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +154,13 @@ fn default_request_timeout() -> String {
 #[serde(deny_unknown_fields)]
 struct RawOperator {
     listen: String,
+    /// Name of the environment variable holding the admin API token; unset: admin API off.
+    #[serde(default = "default_admin_env")]
+    admin_token_env: String,
+}
+
+fn default_admin_env() -> String {
+    "TOLLGATE_ADMIN_TOKEN".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +269,9 @@ struct RawModel {
     /// The upstream's model id; defaults to `name`.
     #[serde(default)]
     upstream_model: Option<String>,
+    /// Prices in pico-dollars (1e-12 USD); without them, the plugin manifest's prices apply.
+    #[serde(default)]
+    price: Option<crate::billing::Price>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +309,9 @@ pub struct Config {
     /// Channels and models: the part of the configuration that is reloaded while serving.
     pub routes: RoutesConfig,
     pub log: LogConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub billing: BillingConfig,
     /// Where the configuration came from (`None` for the embedded defaults).
     pub source: Option<PathBuf>,
 }
@@ -253,6 +326,24 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
     pub listen: SocketAddr,
+    /// The admin API token; `None` turns the admin API off.
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    pub default_max_output_tokens: u64,
+    pub reservation_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -273,10 +364,13 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
 }
 
+/// The part of the configuration reloaded while serving: channels, models, and which models
+/// anyone may call without a key.
 #[derive(Debug, Clone, Default)]
 pub struct RoutesConfig {
     pub channels: Vec<ChannelConfig>,
     pub models: Vec<ModelConfig>,
+    pub anonymous_models: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +388,7 @@ pub struct ModelConfig {
     pub name: String,
     pub channel: String,
     pub upstream_model: String,
+    pub price: Option<crate::billing::Price>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +508,12 @@ impl RawConfig {
             "upstream.stream_idle_timeout",
             &self.upstream.stream_idle_timeout,
         );
+        let cache_ttl = match &self.auth.cache_ttl {
+            Some(v) => dur("auth.cache_ttl", v),
+            None => Duration::from_secs(1),
+        };
+        let reservation_ttl = dur("billing.reservation_ttl", &self.billing.reservation_ttl);
+
         if self.server.max_body_bytes == 0 {
             problems.push("server.max_body_bytes: must be above 0".into());
         }
@@ -422,7 +523,23 @@ impl RawConfig {
         if self.plugins.max_instances == 0 {
             problems.push("plugins.max_instances: must be above 0".into());
         }
-        let routes = validate_routes(self.channels, self.models, env, &mut problems);
+        let db_url = self.database.url.clone();
+        if !(db_url.starts_with("sqlite:")
+            || db_url.starts_with("postgres:")
+            || db_url.starts_with("postgresql:"))
+        {
+            problems.push(format!(
+                "database.url: `{db_url}` must start with sqlite: or postgres:"
+            ));
+        }
+        let admin_token = env.get(&self.operator.admin_token_env).map(Secret::new);
+        let mut routes = validate_routes(self.channels, self.models, env, &mut problems);
+        for (i, m) in self.auth.anonymous_models.iter().enumerate() {
+            if !routes.models.iter().any(|r| &r.name == m) {
+                problems.push(format!("auth.anonymous_models[{i}]: no model named `{m}`"));
+            }
+        }
+        routes.anonymous_models = self.auth.anonymous_models;
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
         }
@@ -432,7 +549,16 @@ impl RawConfig {
                 max_body_bytes: self.server.max_body_bytes,
                 request_timeout,
             },
-            operator: OperatorConfig { listen: op_listen },
+            operator: OperatorConfig {
+                listen: op_listen,
+                admin_token,
+            },
+            database: DatabaseConfig { url: db_url },
+            auth: AuthConfig { cache_ttl },
+            billing: BillingConfig {
+                default_max_output_tokens: self.billing.default_max_output_tokens,
+                reservation_ttl,
+            },
             plugins: PluginsConfig {
                 dir: PathBuf::from(self.plugins.dir),
                 bundled: self.plugins.bundled,
@@ -534,6 +660,7 @@ fn validate_routes(
             ));
         }
         out.models.push(ModelConfig {
+            price: m.price,
             upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
             name: m.name,
             channel: m.channel,

@@ -10,6 +10,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::auth::AuthError;
+use crate::billing::BillingError;
 use crate::plugins::{GuestErrorClass, PluginError};
 use crate::routing::RoutingError;
 use crate::upstream::UpstreamError;
@@ -34,6 +36,12 @@ pub enum ApiError {
     Request(#[from] RequestError),
     #[error(transparent)]
     Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    #[error("This API key is not allowed to use the model `{0}`.")]
+    ModelNotAllowed(String),
     #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error(transparent)]
@@ -62,6 +70,21 @@ impl ApiError {
             Self::Request(RequestError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Request(RequestError::UnsupportedMediaType) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Routing(RoutingError::UnknownModel(_)) => StatusCode::NOT_FOUND,
+            Self::Auth(e) => match e {
+                AuthError::Missing
+                | AuthError::Malformed
+                | AuthError::Unknown
+                | AuthError::Revoked
+                | AuthError::Expired => StatusCode::UNAUTHORIZED,
+                AuthError::AccountSuspended => StatusCode::FORBIDDEN,
+                AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Billing(e) => match e {
+                BillingError::InsufficientBalance { .. } => StatusCode::PAYMENT_REQUIRED,
+                BillingError::NoAccount => StatusCode::FORBIDDEN,
+                BillingError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
@@ -99,6 +122,20 @@ impl ApiError {
             Self::Request(RequestError::TooLarge { .. }) => "request_too_large",
             Self::Request(RequestError::UnsupportedMediaType) => "unsupported_media_type",
             Self::Routing(RoutingError::UnknownModel(_)) => "model_not_found",
+            Self::Auth(e) => match e {
+                AuthError::Missing => "missing_api_key",
+                AuthError::Malformed | AuthError::Unknown => "invalid_api_key",
+                AuthError::Revoked => "revoked_api_key",
+                AuthError::Expired => "expired_api_key",
+                AuthError::AccountSuspended => "account_suspended",
+                AuthError::Store(_) => "internal_error",
+            },
+            Self::Billing(e) => match e {
+                BillingError::InsufficientBalance { .. } => "insufficient_quota",
+                BillingError::NoAccount => "account_not_found",
+                BillingError::Ledger(_) => "internal_error",
+            },
+            Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
@@ -134,6 +171,12 @@ impl ApiError {
         let status = self.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             "rate_limit_error"
+        } else if status == StatusCode::UNAUTHORIZED {
+            "authentication_error"
+        } else if status == StatusCode::FORBIDDEN {
+            "permission_error"
+        } else if status == StatusCode::PAYMENT_REQUIRED {
+            "insufficient_quota"
         } else if status.is_client_error() {
             "invalid_request_error"
         } else {
@@ -206,7 +249,7 @@ impl IntoResponse for ApiError {
         }
         let detail = match &self {
             Self::Internal(d) => d.clone(),
-            other => other.to_string(),
+            other => format!("{other}: {:?}", std::error::Error::source(other)),
         };
         resp.extensions_mut().insert(ErrorLogged {
             kind: self.kind(),

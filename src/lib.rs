@@ -4,7 +4,10 @@
 //! `routing` → `plugins` → `upstream`, with `config`, `error`, `metrics` and `telemetry` around
 //! them.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
+pub mod billing;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -12,6 +15,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod routing;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 pub mod watch;

@@ -35,6 +35,48 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Accounts.
+    Accounts {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: tollgate::billing::cli::AccountsCommand,
+    },
+    /// Credits and the ledger.
+    Credits {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: tollgate::billing::cli::CreditsCommand,
+    },
+    /// API keys.
+    Keys {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: tollgate::billing::cli::KeysCommand,
+    },
+}
+
+/// The billing handle the account, credit and key commands work on.
+fn billing(
+    rt: &tokio::runtime::Runtime,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<tollgate::billing::Billing> {
+    let cfg = tollgate::config::load(config)?;
+    let db = rt.block_on(tollgate::store::Db::connect(&cfg.database.url))?;
+    Ok(tollgate::billing::Billing::new(
+        db,
+        cfg.billing.reservation_ttl,
+        None,
+    ))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 #[derive(Subcommand)]
@@ -79,6 +121,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.server.listen,
                 cfg.operator.listen
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Accounts { config, command } => {
+            let rt = runtime()?;
+            let b = billing(&rt, config.as_deref())?;
+            rt.block_on(tollgate::billing::cli::accounts(&b, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Credits { config, command } => {
+            let rt = runtime()?;
+            let b = billing(&rt, config.as_deref())?;
+            rt.block_on(tollgate::billing::cli::credits(&b, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { config, command } => {
+            let rt = runtime()?;
+            let b = billing(&rt, config.as_deref())?;
+            rt.block_on(tollgate::billing::cli::keys_cmd(&b, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin { command } => match command {

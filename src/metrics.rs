@@ -47,6 +47,17 @@ pub struct PluginLoadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -66,6 +77,10 @@ pub struct Metrics {
     plugin_failures: Family<PluginFailureLabels, Counter>,
     plugin_loads: Family<PluginLoadLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
+    spend: Family<ModelLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    payment_required: Family<ModelLabels, Counter>,
+    open_reservations: prometheus_client::metrics::gauge::Gauge,
     registry: std::sync::RwLock<Registry>,
 }
 
@@ -123,7 +138,35 @@ impl Metrics {
             "Reloads of channels and models from the config file, by outcome",
             config_reloads.clone(),
         );
+        let spend = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "spend_picodollars",
+            "Money charged, in pico-dollars (1e-12 USD), by model",
+            spend.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "billed_tokens",
+            "Tokens charged, by model and direction",
+            tokens.clone(),
+        );
+        let payment_required = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "payment_required",
+            "Requests refused with 402 because the balance could not cover the estimate",
+            payment_required.clone(),
+        );
+        let open_reservations = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "open_reservations",
+            "Reservations held by requests in flight on this instance",
+            open_reservations.clone(),
+        );
         Self {
+            spend,
+            tokens,
+            payment_required,
+            open_reservations,
             requests,
             request_duration,
             upstream_duration,
@@ -201,6 +244,39 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    pub fn spend(&self, model: &str, picodollars: i64, prompt_tokens: u64, completion_tokens: u64) {
+        let model = model.to_string();
+        self.spend
+            .get_or_create(&ModelLabels {
+                model: model.clone(),
+            })
+            .inc_by(u64::try_from(picodollars).unwrap_or(0));
+        self.tokens
+            .get_or_create(&TokenLabels {
+                model: model.clone(),
+                direction: "input",
+            })
+            .inc_by(prompt_tokens);
+        self.tokens
+            .get_or_create(&TokenLabels {
+                model,
+                direction: "output",
+            })
+            .inc_by(completion_tokens);
+    }
+
+    pub fn payment_required(&self, model: &str) {
+        self.payment_required
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn open_reservations(&self, delta: i64) {
+        self.open_reservations.inc_by(delta);
     }
 
     /// The text exposition format.

@@ -31,6 +31,26 @@ fn openai_python_sdk_streamed_and_not() {
         "the `openai` Python package is required: pip install openai (.ci/run installs it)"
     );
     let dir = tempfile::tempdir().unwrap();
+    // The operator's first minutes, with the CLI on the same (embedded-default) database.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    cli(&["accounts", "create", "sdk-test"]);
+    cli(&["credits", "add", "sdk-test", "1.00"]);
+    let key = cli(&["keys", "create", "--account", "sdk-test", "--name", "sdk"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
@@ -69,7 +89,16 @@ fn openai_python_sdk_streamed_and_not() {
     let status = Command::new(&python)
         .arg(script)
         .env("TOLLGATE_BASE_URL", format!("http://{addr}/v1"))
+        .env("TOLLGATE_API_KEY", &key)
         .status()
         .unwrap();
     assert!(status.success(), "the openai SDK checks failed");
+    // Three billed completions: the ledger holds the credit and three charges, and sums to the balance.
+    let ledger = cli(&["credits", "ledger", "--account", "sdk-test"]);
+    let entries = ledger.as_array().unwrap();
+    let charges = entries.iter().filter(|e| e["kind"] == "charge").count();
+    assert_eq!(charges, 3, "{ledger}");
+    let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+    let account = cli(&["credits", "show", "sdk-test"]);
+    assert_eq!(account["balance"].as_i64().unwrap(), sum);
 }

@@ -36,6 +36,10 @@ pub struct Route {
     pub model: String,
     pub upstream_model: String,
     pub channel: Arc<Channel>,
+    /// The configured price, if any (else the plugin manifest's).
+    pub price: Option<crate::billing::Price>,
+    /// Callable with no key (`auth.anonymous_models`): unbilled.
+    pub anonymous: bool,
 }
 
 impl Route {
@@ -54,6 +58,34 @@ impl Route {
 pub struct Pick {
     pub route: Route,
     pub plugin: Arc<Plugin>,
+}
+
+impl Pick {
+    /// The model's price: config first, then what the plugin's manifest declares, else free.
+    pub fn price(&self) -> crate::billing::Price {
+        if let Some(p) = self.route.price {
+            return p;
+        }
+        self.model_info()
+            .and_then(|m| m.price.as_ref())
+            .map(|p| crate::billing::Price {
+                input_per_token: p.input_per_token,
+                output_per_token: p.output_per_token,
+                per_image: p.per_image,
+                per_second: p.per_second,
+                per_request: p.per_request,
+            })
+            .unwrap_or_default()
+    }
+
+    /// What the plugin's manifest says about the upstream model.
+    pub fn model_info(&self) -> Option<&crate::plugins::ModelInfo> {
+        self.plugin
+            .manifest
+            .models
+            .iter()
+            .find(|m| m.id == self.route.upstream_model)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +176,8 @@ fn build(routes: &RoutesConfig) -> Catalog {
                     model: m.name.clone(),
                     upstream_model: m.upstream_model.clone(),
                     channel,
+                    price: m.price,
+                    anonymous: routes.anonymous_models.contains(&m.name),
                 },
             ))
         })

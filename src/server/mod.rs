@@ -10,20 +10,42 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::app::SharedState;
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
 use crate::pipeline::chat::{self, ChatReply, ChatRequest};
+
+/// The request id header; ours on every request and response.
+pub const REQUEST_ID: &str = "x-request-id";
+/// What a billed, non-streamed response cost, in USD (streams carry it in their usage chunk).
+pub const COST_HEADER: &str = "x-tollgate-cost";
+
+/// Give every request a fresh id (replacing any the client sent: the id names ledger entries)
+/// and copy it onto the response.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert(REQUEST_ID, v.clone());
+        let mut resp = next.run(req).await;
+        resp.headers_mut().insert(REQUEST_ID, v);
+        resp
+    } else {
+        next.run(req).await
+    }
+}
 
 pub fn public_routes() -> Router<SharedState> {
     Router::new()
         .route(chat::ROUTE, post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/balance", get(balance))
+        .route("/v1/usage", get(usage))
         .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -67,11 +89,40 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
+/// The request id `request_id` put on the request.
+fn request_id_of(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The caller, if the request carries `Authorization`; `None` for an anonymous request.
+async fn caller_of(st: &SharedState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bearer = value.to_str().ok().and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    });
+    Ok(Some(st.auth.authenticate(bearer).await?))
+}
+
+async fn require_caller(st: &SharedState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    caller_of(st, headers)
+        .await?
+        .ok_or_else(|| crate::auth::AuthError::Missing.into())
+}
+
 async fn chat_completions(
     State(st): State<SharedState>,
+    headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> Response {
     let started = Instant::now();
+    let request_id = request_id_of(&headers);
     let result = async {
         let RawBody(bytes) = body.map_err(|e| match e {
             ApiError::Request(RequestError::TooLarge { .. }) => RequestError::TooLarge {
@@ -80,10 +131,11 @@ async fn chat_completions(
             .into(),
             other => other,
         })?;
+        let caller = caller_of(&st, &headers).await?;
         let req = ChatRequest::parse(bytes)?;
         let model = req.model.clone();
         let limit = st.config.server.request_timeout;
-        let reply = tokio::time::timeout(limit, chat::chat(&st, req))
+        let reply = tokio::time::timeout(limit, chat::chat(&st, caller.as_ref(), &request_id, req))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);
@@ -100,15 +152,24 @@ async fn chat_completions(
     };
     // Only configured names become label values (a closed set); anything else is "unknown".
     let model_label = match &reply {
-        Ok(_) => model.as_str(),
         Err(ApiError::Routing(crate::routing::RoutingError::UnknownModel(_))) => "unknown",
-        Err(_) => model.as_str(),
+        _ => model.as_str(),
     };
     match reply {
-        Ok(ChatReply::Json { body, provider }) => {
+        Ok(ChatReply::Json {
+            body,
+            provider,
+            cost,
+        }) => {
             st.metrics
                 .request(chat::ROUTE, model_label, &provider, "ok");
-            json_response(StatusCode::OK, body)
+            let mut resp = json_response(StatusCode::OK, body);
+            if let Some(c) = cost
+                && let Ok(v) = HeaderValue::from_str(&c.to_string())
+            {
+                resp.headers_mut().insert(COST_HEADER, v);
+            }
+            resp
         }
         Ok(ChatReply::Stream { frames, provider }) => {
             st.metrics
@@ -120,6 +181,53 @@ async fn chat_completions(
                 .request(chat::ROUTE, model_label, "none", e.kind());
             e.into_response()
         }
+    }
+}
+
+/// `GET /v1/balance`: the caller's account balance.
+async fn balance(State(st): State<SharedState>, headers: HeaderMap) -> Response {
+    let result = async {
+        let caller = require_caller(&st, &headers).await?;
+        let a = st.billing.account(&caller.account_id).await?;
+        Ok::<_, ApiError>(json!({
+            "object": "balance",
+            "account": a.name,
+            "balance": a.balance_usd,
+            "balance_picodollars": a.balance,
+            "reserved_picodollars": a.reserved,
+            "available": crate::billing::Credits(a.balance - a.reserved).to_string(),
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, v.to_string()),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/usage?limit=N`: the caller's own ledger entries, newest first.
+async fn usage(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    let result = async {
+        let caller = require_caller(&st, &headers).await?;
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<i64>().ok())
+            .unwrap_or(100)
+            .clamp(1, 1000);
+        let entries = st
+            .billing
+            .ledger(Some(&caller.account_id), None, limit)
+            .await?;
+        Ok::<_, ApiError>(json!({ "object": "list", "data": entries }))
+    }
+    .await;
+    match result {
+        Ok(v) => json_response(StatusCode::OK, v.to_string()),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -259,6 +259,30 @@ pub fn config_yaml(
     } else {
         String::new()
     };
+    let mut anonymous: Vec<&str> = if upstream.is_some() {
+        vec![
+            "demo-chat",
+            "gpt-test",
+            "ok",
+            "fail500",
+            "ratelimit",
+            "hang",
+            "malformed",
+            "truncated",
+            "slow-stream",
+        ]
+    } else {
+        vec!["demo-chat"]
+    };
+    // Every extra model is open too (the name after `name: ` on each line).
+    anonymous.extend(extra_models.lines().filter_map(|l| {
+        let rest = l.split("name: ").nth(1)?;
+        rest.split([',', ' ', '}']).next()
+    }));
+    let db = plugin_dir
+        .parent()
+        .unwrap_or(plugin_dir)
+        .join("tollgate.db");
     format!(
         r#"server:
   listen: 127.0.0.1:0
@@ -283,8 +307,15 @@ models:
 {openai_models}{extra_models}
 log:
   filter: warn
+database:
+  url: "sqlite://{db}"
+auth:
+  # The wire-format tests call without keys; tests/billing.rs covers keys and money.
+  anonymous_models: [{anonymous}]
 "#,
-        dir = plugin_dir.display()
+        dir = plugin_dir.display(),
+        db = db.display(),
+        anonymous = anonymous.join(", ")
     )
 }
 

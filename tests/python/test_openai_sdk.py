@@ -23,8 +23,14 @@ assert resp.object == "chat.completion", resp
 text = resp.choices[0].message.content
 assert "Hello from the SDK" in text, text
 assert resp.usage is not None and resp.usage.completion_tokens > 0, resp.usage
+# Billed: the usage object says what it cost, and so does a header.
+raw = client.chat.completions.with_raw_response.create(
+    model="demo-chat", messages=[{"role": "user", "content": "Hello from the SDK"}]
+)
+assert raw.headers.get("x-tollgate-cost"), dict(raw.headers)
+assert raw.parse().model_dump()["usage"]["cost"] == raw.headers["x-tollgate-cost"]
 
-# Streamed.
+# Streamed (charged once, when it ends; the cost rides in the usage chunk).
 stream = client.chat.completions.create(
     model="demo-chat",
     messages=[{"role": "user", "content": "Hello from the SDK"}],
@@ -32,9 +38,13 @@ stream = client.chat.completions.create(
     stream_options={"include_usage": True},
 )
 parts = []
+stream_cost = None
 for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
         parts.append(chunk.choices[0].delta.content)
+    if chunk.usage is not None:
+        stream_cost = chunk.model_dump()["usage"].get("cost")
+assert stream_cost, "the usage chunk carries the cost"
 assert "".join(parts) == text, ("".join(parts), text)
 
 # Models.

@@ -1,0 +1,228 @@
+//! The admin API, on the operator listener behind `Authorization: Bearer <admin token>`:
+//! accounts, credits, keys (create, list, rotate, revoke) and the ledger. Key management itself
+//! lives in `keys.rs`, shared with the CLI.
+
+pub mod keys;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::app::SharedState;
+use crate::billing::{BillingError, Credits};
+
+pub fn router() -> Router<SharedState> {
+    Router::new()
+        .route("/admin/accounts", post(create_account).get(list_accounts))
+        .route("/admin/accounts/{id}", get(get_account))
+        .route("/admin/accounts/{id}/credits", post(add_credits))
+        .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
+        .route("/admin/keys/{id}/rotate", post(rotate_key))
+        .route("/admin/keys/{id}/revoke", post(revoke_key))
+        .route("/admin/ledger", get(ledger))
+}
+
+/// Errors of the admin API, in OpenAI's error shape.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("the admin API is off: set the environment variable named by operator.admin_token_env")]
+    Disabled,
+    #[error("a valid admin token is required")]
+    Unauthorized,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("not found")]
+    NotFound,
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeyError),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::Disabled => (StatusCode::NOT_FOUND, "admin_disabled"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::NotFound
+            | Self::Billing(BillingError::NoAccount)
+            | Self::Keys(keys::KeyError::NotFound) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Billing(BillingError::InsufficientBalance { .. }) => {
+                (StatusCode::PAYMENT_REQUIRED, "insufficient_quota")
+            }
+            Self::Billing(BillingError::Ledger(_)) | Self::Keys(keys::KeyError::Store(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
+            Self::Keys(keys::KeyError::Invalid(_)) => (StatusCode::BAD_REQUEST, "invalid_request"),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "admin request failed");
+        }
+        let message = if status.is_server_error() {
+            "internal error".to_string()
+        } else {
+            self.to_string()
+        };
+        let body = json!({"error": {"message": message, "type": "admin_error", "code": code, "param": null}});
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+/// Check the admin token in constant time.
+fn check_admin(st: &SharedState, headers: &HeaderMap) -> Result<(), AdminError> {
+    let Some(token) = &st.config.operator.admin_token else {
+        return Err(AdminError::Disabled);
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
+    }
+}
+
+#[derive(Deserialize)]
+struct NewAccount {
+    name: String,
+}
+
+async fn create_account(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<axum::Json<NewAccount>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    if body.name.trim().is_empty() {
+        return Err(AdminError::Invalid("`name` must not be empty".into()));
+    }
+    let a = st.billing.create_account(body.name.trim()).await?;
+    Ok((StatusCode::CREATED, axum::Json(a)).into_response())
+}
+
+async fn list_accounts(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    Ok(axum::Json(json!({"data": st.billing.accounts().await?})).into_response())
+}
+
+async fn get_account(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    Ok(axum::Json(st.billing.account(&id).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewCredits {
+    /// Dollars as a decimal string ("12.50"), exact to 1e-12.
+    amount_usd: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+async fn add_credits(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::Json<NewCredits>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    let amount = Credits::parse_usd(&body.amount_usd).ok_or_else(|| {
+        AdminError::Invalid(
+            "`amount_usd` must be a decimal dollar amount with at most 12 decimals".into(),
+        )
+    })?;
+    let entry = st
+        .billing
+        .credit(&id, amount, body.note.as_deref().unwrap_or("admin credit"))
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+async fn create_key(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+    body: Result<axum::Json<keys::NewKey>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    let (info, plain) = keys::create(&st.billing, &account, body).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({"key": plain.expose(), "info": info, "warning": "the key is shown once; store it now"})),
+    )
+        .into_response())
+}
+
+async fn list_keys(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(account): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    Ok(axum::Json(json!({"data": keys::list(&st.billing, &account).await?})).into_response())
+}
+
+async fn rotate_key(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let (info, plain) = keys::rotate(&st.billing, &id).await?;
+    st.auth.invalidate_all().await;
+    Ok(axum::Json(json!({"key": plain.expose(), "info": info, "warning": "the key is shown once; store it now"})).into_response())
+}
+
+async fn revoke_key(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let info = keys::revoke(&st.billing, &id).await?;
+    st.auth.invalidate_all().await;
+    Ok(axum::Json(info).into_response())
+}
+
+async fn ledger(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let account = q.get("account").map(String::as_str);
+    let request = q.get("request_id").map(String::as_str);
+    if account.is_none() && request.is_none() {
+        return Err(AdminError::Invalid("give `account` or `request_id`".into()));
+    }
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .clamp(1, 10_000);
+    let entries = st.billing.ledger(account, request, limit).await?;
+    Ok(axum::Json(json!({"data": entries})).into_response())
+}

@@ -1,0 +1,145 @@
+//! `tollgate accounts|credits|keys ...`: the operator's commands, straight against the database
+//! named by the configuration (the gateway need not run).
+
+use clap::Subcommand;
+
+use crate::admin::keys::{self, NewKey};
+use crate::billing::{Billing, Credits};
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Create an account.
+    Create { name: String },
+    /// List accounts with their balances.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCommand {
+    /// Add credits in dollars, exactly ("12.50").
+    Add {
+        account: String,
+        amount_usd: String,
+        #[arg(long, default_value = "credit")]
+        note: String,
+    },
+    /// Show an account's balance.
+    Show { account: String },
+    /// List ledger entries of an account or of one request.
+    Ledger {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Issue a key (shown once).
+    Create {
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        name: String,
+        /// Expiry in seconds from now.
+        #[arg(long)]
+        expires_in_seconds: Option<u64>,
+        /// Comma-separated model allow-list.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        #[arg(long)]
+        policy_set: Option<String>,
+    },
+    /// List an account's keys (never the secrets).
+    List {
+        #[arg(long)]
+        account: String,
+    },
+    /// Replace a key by a new one with the same settings (shown once); the old one is revoked.
+    Rotate { id: String },
+    /// Revoke a key.
+    Revoke { id: String },
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    #[allow(clippy::print_stdout, reason = "the CLI prints its answer")]
+    {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+pub async fn accounts(billing: &Billing, cmd: AccountsCommand) -> anyhow::Result<()> {
+    match cmd {
+        AccountsCommand::Create { name } => print_json(&billing.create_account(&name).await?),
+        AccountsCommand::List => print_json(&billing.accounts().await?),
+    }
+}
+
+pub async fn credits(billing: &Billing, cmd: CreditsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CreditsCommand::Add {
+            account,
+            amount_usd,
+            note,
+        } => {
+            let amount = Credits::parse_usd(&amount_usd).ok_or_else(|| {
+                anyhow::anyhow!("`{amount_usd}` is not a dollar amount with at most 12 decimals")
+            })?;
+            print_json(&billing.credit(&account, amount, &note).await?)
+        }
+        CreditsCommand::Show { account } => print_json(&billing.account(&account).await?),
+        CreditsCommand::Ledger {
+            account,
+            request_id,
+            limit,
+        } => {
+            if account.is_none() && request_id.is_none() {
+                anyhow::bail!("give --account or --request-id");
+            }
+            print_json(
+                &billing
+                    .ledger(account.as_deref(), request_id.as_deref(), limit)
+                    .await?,
+            )
+        }
+    }
+}
+
+pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            account,
+            name,
+            expires_in_seconds,
+            models,
+            policy_set,
+        } => {
+            let (info, plain) = keys::create(
+                billing,
+                &account,
+                NewKey {
+                    name,
+                    expires_in_seconds,
+                    models,
+                    policy_set,
+                    limits: None,
+                },
+            )
+            .await?;
+            eprintln!("This is the only time the key is shown. Store it now.");
+            print_json(&serde_json::json!({"key": plain.expose(), "info": info}))
+        }
+        KeysCommand::List { account } => print_json(&keys::list(billing, &account).await?),
+        KeysCommand::Rotate { id } => {
+            let (info, plain) = keys::rotate(billing, &id).await?;
+            eprintln!("The old key is revoked. This is the only time the new key is shown.");
+            print_json(&serde_json::json!({"key": plain.expose(), "info": info}))
+        }
+        KeysCommand::Revoke { id } => print_json(&keys::revoke(billing, &id).await?),
+    }
+}

@@ -1,0 +1,611 @@
+//! Keys and money end to end: statuses and bodies of bad keys, concurrent requests that can never
+//! overdraw (SQLite in-process; PostgreSQL with two gateway processes), failures that cost
+//! nothing, streams charged once, and a `kill -9` that loses and doubles nothing.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use tollgate::admin::keys::{self, NewKey};
+use tollgate::billing::{Billing, Credits};
+
+/// One cent per request, nothing per token: the estimate equals the charge.
+const PER_REQUEST: i64 = 10_000_000_000;
+
+fn paid_models() -> &'static str {
+    "  - { name: paid, channel: demo, upstream_model: demo-chat, price: { per_request: 10000000000 } }\n  - { name: paid-up, channel: mock, upstream_model: gpt-test, price: { input_per_token: 1000, output_per_token: 2000 } }\n"
+}
+
+async fn billed_gateway(up: &MockUpstream) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // `paid` and `paid-up` are not anonymous: config_yaml opens only the models it lists itself
+    // and those in extra_models, so add them by hand after.
+    let yaml = config_yaml(Some(&up.base_url()), "", "", &plugins)
+        .replace("models:\n", &format!("models:\n{}", paid_models()));
+    TestGateway::start_yaml(&yaml, dir).await
+}
+
+fn billing(gw: &TestGateway) -> &Billing {
+    &gw.running.as_ref().unwrap().state.billing
+}
+
+/// An account with `usd` dollars and a key for it.
+async fn funded_key(b: &Billing, name: &str, usd: &str, new: NewKey) -> (String, String) {
+    let a = b.create_account(name).await.unwrap();
+    b.credit(&a.id, Credits::parse_usd(usd).unwrap(), "test")
+        .await
+        .unwrap();
+    let (_, key) = keys::create(b, &a.id, new).await.unwrap();
+    (a.id, key.expose().to_string())
+}
+
+fn key_named(name: &str) -> NewKey {
+    NewKey {
+        name: name.into(),
+        ..NewKey::default()
+    }
+}
+
+async fn chat_with(gw: &TestGateway, key: &str, model: &str, stream: bool) -> reqwest::Response {
+    gw.client
+        .post(format!("{}/v1/chat/completions", gw.public))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn settle_down(b: &Billing, account: &str) {
+    // Releases after a dropped stream run in the background: wait until nothing is held.
+    for _ in 0..100 {
+        if b.account(account).await.unwrap().reserved == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.account(account).await.unwrap().reserved,
+        0,
+        "a reservation stayed open"
+    );
+    assert!(
+        b.verify(account).await.unwrap(),
+        "balance equals the sum of the ledger"
+    );
+}
+
+#[tokio::test]
+async fn bad_keys_get_their_status_and_body() {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up).await;
+    let b = billing(&gw);
+    let (account, key) = funded_key(b, "keys", "1", key_named("k")).await;
+
+    // Missing, for a model that is not anonymous.
+    assert_openai_error(gw.chat("paid", false).await, 401, "missing_api_key").await;
+    // Wrong checksum: refused offline.
+    let mut bad = key.clone();
+    let last = bad.pop().unwrap();
+    bad.push(if last == 'x' { 'y' } else { 'x' });
+    assert_openai_error(
+        chat_with(&gw, &bad, "paid", false).await,
+        401,
+        "invalid_api_key",
+    )
+    .await;
+    assert_openai_error(
+        chat_with(&gw, "sk-not-a-tollgate-key", "paid", false).await,
+        401,
+        "invalid_api_key",
+    )
+    .await;
+    // Well-formed but unknown.
+    let (unknown, _, _) = tollgate::auth::generate();
+    assert_openai_error(
+        chat_with(&gw, unknown.expose(), "paid", false).await,
+        401,
+        "invalid_api_key",
+    )
+    .await;
+    // Works, then revoked.
+    assert_eq!(chat_with(&gw, &key, "paid", false).await.status(), 200);
+    let listed = keys::list(b, &account).await.unwrap();
+    keys::revoke(b, &listed[0].id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the cache TTL
+    assert_openai_error(
+        chat_with(&gw, &key, "paid", false).await,
+        401,
+        "revoked_api_key",
+    )
+    .await;
+    // Expired.
+    let (_, expired) = keys::create(
+        b,
+        &account,
+        NewKey {
+            expires_in_seconds: Some(0),
+            ..key_named("old")
+        },
+    )
+    .await
+    .unwrap();
+    assert_openai_error(
+        chat_with(&gw, expired.expose(), "paid", false).await,
+        401,
+        "expired_api_key",
+    )
+    .await;
+    // Not allowed this model.
+    let (_, scoped) = keys::create(
+        b,
+        &account,
+        NewKey {
+            models: Some(vec!["demo-chat".into()]),
+            ..key_named("scoped")
+        },
+    )
+    .await
+    .unwrap();
+    assert_openai_error(
+        chat_with(&gw, scoped.expose(), "paid", false).await,
+        403,
+        "model_not_allowed",
+    )
+    .await;
+    assert_eq!(
+        chat_with(&gw, scoped.expose(), "demo-chat", false)
+            .await
+            .status(),
+        200
+    );
+    // Rotation: the old key stops, the new one works.
+    let (_, fresh) = keys::create(b, &account, key_named("rotating"))
+        .await
+        .unwrap();
+    let id = keys::list(b, &account)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.name == "rotating")
+        .unwrap()
+        .id;
+    let (_, rotated) = keys::rotate(b, &id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_openai_error(
+        chat_with(&gw, fresh.expose(), "paid", false).await,
+        401,
+        "revoked_api_key",
+    )
+    .await;
+    assert_eq!(
+        chat_with(&gw, rotated.expose(), "paid", false)
+            .await
+            .status(),
+        200
+    );
+    // The stored form is not the key.
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT lookup, secret_hash FROM api_keys")
+        .fetch_all(&b.db().pool)
+        .await
+        .unwrap();
+    for (lookup, hash) in rows {
+        assert!(!hash.contains(&key[11..]) && hash != key && hash.len() == 64);
+        assert_eq!(lookup.len(), 8);
+    }
+    settle_down(b, &account).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance() {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up).await;
+    let b = billing(&gw);
+    let (account, key) = funded_key(b, "crowd", "0.50", key_named("k")).await;
+    assert_eq!(b.account(&account).await.unwrap().balance, 50 * PER_REQUEST);
+    let mut handles = Vec::new();
+    for _ in 0..200 {
+        let client = gw.client.clone();
+        let url = format!("{}/v1/chat/completions", gw.public);
+        let key = key.clone();
+        handles.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(key)
+                .json(&serde_json::json!({"model": "paid", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body)
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for h in handles {
+        let (status, body) = h.await.unwrap();
+        match status {
+            200 => ok += 1,
+            402 => {
+                assert_eq!(body["error"]["code"], "insufficient_quota");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!((ok, refused), (50, 150));
+    let a = b.account(&account).await.unwrap();
+    assert_eq!(a.balance, 0);
+    settle_down(b, &account).await;
+    let charges = b
+        .ledger(Some(&account), None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "charge")
+        .count();
+    assert_eq!(charges, 50);
+}
+
+#[tokio::test]
+async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends() {
+    let up = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let priced: String = ["fail500", "hang", "slow-stream", "truncated"]
+        .iter()
+        .map(|m| format!("  - {{ name: paid-{m}, channel: mock, upstream_model: {m}, price: {{ input_per_token: 1000, output_per_token: 2000 }} }}\n"))
+        .collect();
+    let yaml = config_yaml(Some(&up.base_url()), "", "", &plugins)
+        .replace("models:\n", &format!("models:\n{}{priced}", paid_models()));
+    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    let b = billing(&gw);
+    let (account, key) = funded_key(b, "careful", "1", key_named("k")).await;
+    let before = b.account(&account).await.unwrap().balance;
+
+    assert_eq!(
+        chat_with(&gw, &key, "paid-fail500", false).await.status(),
+        502
+    );
+    assert_eq!(chat_with(&gw, &key, "paid-hang", false).await.status(), 504);
+    let r = chat_with(&gw, &key, "paid-truncated", true).await;
+    assert!(!r.text().await.unwrap().contains("[DONE]"));
+    // A client that goes away mid-stream.
+    let r = chat_with(&gw, &key, "paid-slow-stream", true).await;
+    let mut body = r.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    settle_down(b, &account).await;
+    assert_eq!(
+        b.account(&account).await.unwrap().balance,
+        before,
+        "failures cost nothing"
+    );
+    assert!(
+        b.ledger(Some(&account), None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|e| e.kind != "charge")
+    );
+
+    // A stream that ends: one charge, after the end, from the upstream's usage (9 in, 2 out).
+    let r = chat_with(&gw, &key, "paid-up", true).await;
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let usage_chunk: serde_json::Value = sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap();
+    let expected = 9 * 1000 + 2 * 2000;
+    assert_eq!(usage_chunk["usage"]["cost_picodollars"], expected);
+    let lines = b.ledger(None, Some(&request_id), 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].amount, -expected);
+    assert_eq!(lines[0].prompt_tokens, 9);
+
+    // Non-streamed: the header and the usage object say what it cost (19 in, 10 out).
+    let r = chat_with(&gw, &key, "paid-up", false).await;
+    let cost = r.headers()["x-tollgate-cost"].to_str().unwrap().to_string();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["usage"]["cost"], cost);
+    assert_eq!(body["usage"]["cost_picodollars"], 19 * 1000 + 10 * 2000);
+    settle_down(b, &account).await;
+    // The client sees its balance and its own usage.
+    let bal: serde_json::Value = gw
+        .client
+        .get(format!("{}/v1/balance", gw.public))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        bal["balance_picodollars"],
+        before - expected - (19 * 1000 + 10 * 2000)
+    );
+    let usage: serde_json::Value = gw
+        .client
+        .get(format!("{}/v1/usage", gw.public))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "charge")
+            .count(),
+        2
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes: PostgreSQL shared by two gateways, and kill -9.
+// ---------------------------------------------------------------------------------------------
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_gateway(config: &std::path::Path) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("TOLLGATE__LOG__JSON", "true")
+        .env("TOLLGATE__LOG__FILTER", "info")
+        .env("MOCK_KEY", "sk-test-secret")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    let addr = loop {
+        let line = lines.next().expect("gateway output").unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "tollgate is serving"
+        {
+            break v["fields"]["public_addr"].as_str().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), format!("http://{addr}"))
+}
+
+fn cli(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("MOCK_KEY", "sk-test-secret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn process_config(dir: &std::path::Path, db_url: &str, upstream: &str) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"server: {{ listen: "127.0.0.1:0" }}
+operator: {{ listen: "127.0.0.1:0" }}
+plugins: {{ dir: "{plugins}" }}
+upstream: {{ stream_idle_timeout: 30s }}
+database: {{ url: "{db_url}" }}
+channels:
+  - {{ name: demo, plugin: demo }}
+  - {{ name: mock, plugin: openai, base_url: "{upstream}", api_key_env: MOCK_KEY }}
+models:
+  - {{ name: paid, channel: demo, upstream_model: demo-chat, price: {{ per_request: 10000000000 }} }}
+  - {{ name: paid-up, channel: mock, upstream_model: gpt-test, price: {{ input_per_token: 1000, output_per_token: 2000 }} }}
+  - {{ name: paid-slow, channel: mock, upstream_model: slow-stream, price: {{ input_per_token: 1000, output_per_token: 2000 }} }}
+log: {{ filter: info, json: true }}
+"#,
+            plugins = dir.join("plugins").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    model: &str,
+    stream: bool,
+) -> reqwest::Response {
+    client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_gateways_never_overdraw() {
+    let up = MockUpstream::start().await;
+    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (database test, trust auth); .ci/run starts it");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url =
+        format!("postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{schema}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = process_config(dir.path(), &url, &up.base_url());
+    let (_a, base_a) = spawn_gateway(&config);
+    let (_b, base_b) = spawn_gateway(&config);
+    cli(&config, &["accounts", "create", "shared"]);
+    cli(&config, &["credits", "add", "shared", "0.50"]);
+    let key = cli(
+        &config,
+        &["keys", "create", "--account", "shared", "--name", "k"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let mut handles = Vec::new();
+    for i in 0..200 {
+        let (client, key) = (client.clone(), key.clone());
+        let base = if i % 2 == 0 {
+            base_a.clone()
+        } else {
+            base_b.clone()
+        };
+        handles.push(tokio::spawn(async move {
+            post(&client, &base, &key, "paid", false)
+                .await
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for h in handles {
+        *counts.entry(h.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        counts,
+        std::collections::BTreeMap::from([(200, 50), (402, 150)])
+    );
+    let account = cli(&config, &["credits", "show", "shared"]);
+    assert_eq!(account["balance"], 0);
+    assert_eq!(account["reserved"], 0);
+    let ledger = cli(
+        &config,
+        &[
+            "credits",
+            "ledger",
+            "--account",
+            "shared",
+            "--limit",
+            "1000",
+        ],
+    );
+    let sum: i64 = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(sum, 0, "the ledger sums to the balance");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
+    let up = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("kill.db").display());
+    let config = process_config(dir.path(), &url, &up.base_url());
+    cli(&config, &["accounts", "create", "victim"]);
+    cli(&config, &["credits", "add", "victim", "1"]);
+    let key = cli(
+        &config,
+        &["keys", "create", "--account", "victim", "--name", "k"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut gw, base) = spawn_gateway(&config);
+    let client = reqwest::Client::new();
+    // Completed requests: charged.
+    for _ in 0..5 {
+        assert_eq!(
+            post(&client, &base, &key, "paid-up", false).await.status(),
+            200
+        );
+    }
+    assert!(
+        post(&client, &base, &key, "paid-up", true)
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains("[DONE]")
+    );
+    // Streams in the middle: reserved, not charged.
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let r = post(&client, &base, &key, "paid-slow", true).await;
+        let mut s = r.bytes_stream();
+        s.next().await.unwrap().unwrap();
+        open.push(s);
+    }
+    let held = cli(&config, &["credits", "show", "victim"]);
+    assert!(
+        held["reserved"].as_i64().unwrap() > 0,
+        "the open streams hold reservations"
+    );
+    gw.0.kill().unwrap(); // SIGKILL
+    gw.0.wait().unwrap();
+    drop(open);
+    let (_gw2, _base2) = spawn_gateway(&config);
+    let account = cli(&config, &["credits", "show", "victim"]);
+    assert_eq!(
+        account["reserved"], 0,
+        "no reservation stays open after a restart"
+    );
+    let ledger = cli(
+        &config,
+        &[
+            "credits",
+            "ledger",
+            "--account",
+            "victim",
+            "--limit",
+            "1000",
+        ],
+    );
+    let entries = ledger.as_array().unwrap();
+    assert_eq!(
+        entries.iter().filter(|e| e["kind"] == "charge").count(),
+        6,
+        "every committed charge, once"
+    );
+    let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+    assert_eq!(sum, account["balance"].as_i64().unwrap());
+}

@@ -1,8 +1,7 @@
 """Chat with tollgate through the official OpenAI Python SDK, streamed and not.
 
     pip install openai
-    python examples/openai_sdk.py            # against http://127.0.0.1:8080/v1
-    TOLLGATE_BASE_URL=http://host:8080/v1 TOLLGATE_API_KEY=... python examples/openai_sdk.py
+    TOLLGATE_API_KEY=tg_... python examples/openai_sdk.py
 """
 
 import os
@@ -11,7 +10,9 @@ from openai import OpenAI
 
 client = OpenAI(
     base_url=os.environ.get("TOLLGATE_BASE_URL", "http://127.0.0.1:8080/v1"),
-    api_key=os.environ.get("TOLLGATE_API_KEY", "unused-for-the-demo"),
+    # A key from `tollgate keys create` (README); the demo model also answers without one,
+    # but the SDK insists on sending some key, so create one.
+    api_key=os.environ["TOLLGATE_API_KEY"],
 )
 model = os.environ.get("TOLLGATE_MODEL", "demo-chat")
 

@@ -127,8 +127,10 @@ impl Db {
                 };
                 let opts =
                     sqlx::any::AnyConnectOptions::from_str(&url)?.disable_statement_logging();
+                // One connection: SQLite has one writer at a time anyway, and queueing in the pool
+                // is far cheaper than SQLITE_BUSY back-off sleeps under concurrency.
                 AnyPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(1)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             use sqlx::Executor;

@@ -57,13 +57,24 @@ struct Figures {
 }
 
 async fn drive(url: String, stream: bool, concurrency: usize, secs: f64) -> Figures {
+    drive_as(url, "gpt-4o-mini", "", stream, concurrency, secs).await
+}
+
+async fn drive_as(
+    url: String,
+    model: &str,
+    auth: &str,
+    stream: bool,
+    concurrency: usize,
+    secs: f64,
+) -> Figures {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency * 2)
         .tcp_nodelay(true)
         .build()
         .unwrap();
     let body = serde_json::json!({
-        "model": "gpt-4o-mini",
+        "model": model,
         "stream": stream,
         "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
     })
@@ -73,18 +84,17 @@ async fn drive(url: String, stream: bool, concurrency: usize, secs: f64) -> Figu
     let started = Instant::now();
     for _ in 0..concurrency {
         let (client, url, body, stop) = (client.clone(), url.clone(), body.clone(), stop.clone());
+        let auth = auth.to_string();
         handles.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .header("authorization", "Bearer bench")
-                    .body(body.clone())
-                    .send()
-                    .await;
+                let mut req = client.post(&url).header("content-type", "application/json");
+                if !auth.is_empty() {
+                    req = req.header("authorization", auth.as_str());
+                }
+                let r = req.body(body.clone()).send().await;
                 match r {
                     Ok(r) if r.status().is_success() => match r.bytes().await {
                         Ok(b) if !stream || b.ends_with(b"data: [DONE]\n\n") => {
@@ -92,7 +102,18 @@ async fn drive(url: String, stream: bool, concurrency: usize, secs: f64) -> Figu
                         }
                         _ => errors += 1,
                     },
-                    _ => errors += 1,
+                    Ok(r) => {
+                        if errors == 0 {
+                            eprintln!("{} {}", r.status(), r.text().await.unwrap_or_default());
+                        }
+                        errors += 1
+                    }
+                    Err(e) => {
+                        if errors == 0 {
+                            eprintln!("{e}");
+                        }
+                        errors += 1
+                    }
                 }
             }
             (lat, errors)
@@ -153,16 +174,43 @@ fn main() {
             r#"server: {{ listen: "127.0.0.1:0" }}
 operator: {{ listen: "127.0.0.1:0" }}
 plugins: {{ dir: "{plugins}", watch: false }}
+database: {{ url: "sqlite://{db}" }}
+auth: {{ anonymous_models: [gpt-4o-mini] }}
 channels:
   - {{ name: mock, plugin: openai, base_url: "http://{mock_addr}/v1", api_key_env: BENCH_UPSTREAM_KEY }}
 models:
-  - {{ name: gpt-4o-mini, channel: mock }}
+  - {{ name: gpt-4o-mini, channel: mock, price: {{ input_per_token: 0, output_per_token: 0 }} }}
+  - {{ name: gpt-4o-mini-billed, channel: mock, upstream_model: gpt-4o-mini, price: {{ input_per_token: 150000, output_per_token: 600000 }} }}
 log: {{ filter: warn, json: true }}
 "#,
-            plugins = dir.path().join("plugins").display()
+            plugins = dir.path().join("plugins").display(),
+            db = dir.path().join("bench.db").display()
         ),
     )
     .unwrap();
+    // An account with plenty of credit and a key, made with the CLI like an operator would.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("BENCH_UPSTREAM_KEY", "sk-bench")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    cli(&["accounts", "create", "bench"]);
+    cli(&["credits", "add", "bench", "1000000"]);
+    let key = cli(&["keys", "create", "--account", "bench", "--name", "load"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bearer = format!("Bearer {key}");
     let mut child = Child(
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config"])
@@ -200,19 +248,21 @@ log: {{ filter: warn, json: true }}
     );
     println!();
     println!(
-        "| mode | conc | direct rps | gateway rps | rps ratio | direct p50 µs | gateway p50 µs | added p50 µs | direct p99 µs | gateway p99 µs | errors |"
+        "| mode | conc | direct rps | gateway rps | rps ratio | direct p50 µs | gateway p50 µs | added p50 µs | direct p99 µs | gateway p99 µs | billed rps | billed/gateway rps | billed p50 µs | errors |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     rt.block_on(async {
         // Warm both paths (connection pools, plugin instance slots, page cache).
         drive(direct.clone(), false, 4, 0.5).await;
         drive(through.clone(), false, 4, 0.5).await;
+        drive_as(through.clone(), "gpt-4o-mini-billed", &bearer, false, 4, 0.5).await;
         for stream in [false, true] {
             for conc in [1usize, 64] {
                 let d = drive(direct.clone(), stream, conc, secs).await;
                 let g = drive(through.clone(), stream, conc, secs).await;
+                let b = drive_as(through.clone(), "gpt-4o-mini-billed", &bearer, stream, conc, secs).await;
                 println!(
-                    "| {} | {conc} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                    "| {} | {conc} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {} |",
                     if stream { "stream" } else { "json" },
                     d.rps,
                     g.rps,
@@ -222,7 +272,10 @@ log: {{ filter: warn, json: true }}
                     g.p50_us - d.p50_us,
                     d.p99_us,
                     g.p99_us,
-                    d.errors + g.errors
+                    b.rps,
+                    b.rps / g.rps,
+                    b.p50_us,
+                    d.errors + g.errors + b.errors
                 );
             }
         }

@@ -1,0 +1,93 @@
+//! Criterion benchmark of the money path on SQLite: authenticate (cached) + reserve + settle,
+//! one request's worth. Run: `cargo bench --bench billing`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::admin::keys::{self, NewKey};
+use tollgate::auth::Authenticator;
+use tollgate::billing::{Billing, Credits, Price, Usage};
+use tollgate::store::Db;
+
+fn money_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let (auth, billing, key, account) = rt.block_on(async {
+        let db = Db::connect(&url).await.unwrap();
+        let billing = Billing::new(db.clone(), Duration::from_secs(900), None);
+        let a = billing.create_account("bench").await.unwrap();
+        billing
+            .credit(&a.id, Credits::parse_usd("1000000").unwrap(), "bench")
+            .await
+            .unwrap();
+        let (_, key) = keys::create(
+            &billing,
+            &a.id,
+            NewKey {
+                name: "k".into(),
+                ..NewKey::default()
+            },
+        )
+        .await
+        .unwrap();
+        (
+            Authenticator::new(db, Duration::from_secs(1)),
+            billing,
+            key.expose().to_string(),
+            a.id,
+        )
+    });
+    let price = Price {
+        input_per_token: 150_000,
+        output_per_token: 600_000,
+        ..Price::default()
+    };
+    let usage = Usage {
+        prompt_tokens: 20,
+        completion_tokens: 10,
+        ..Usage::default()
+    };
+    let estimate = price.cost(&Usage {
+        prompt_tokens: 40,
+        completion_tokens: 4096,
+        ..Usage::default()
+    });
+    let mut n = 0u64;
+    c.bench_function("billing/authenticate_cached", |b| {
+        b.to_async(&rt)
+            .iter(|| async { auth.authenticate(Some(&key)).await.unwrap() })
+    });
+    c.bench_function("billing/authenticate+reserve+settle", |b| {
+        b.to_async(&rt).iter(|| {
+            n += 1;
+            let request_id = format!("bench-{n}");
+            let (auth, billing, key) = (&auth, &billing, &key);
+            async move {
+                let caller = auth.authenticate(Some(key)).await.unwrap();
+                let hold = billing
+                    .reserve(
+                        &caller.account_id,
+                        &caller.key_id,
+                        &request_id,
+                        "gpt-4o-mini",
+                        estimate,
+                        price,
+                    )
+                    .await
+                    .unwrap();
+                hold.settle(usage).await.unwrap()
+            }
+        })
+    });
+    rt.block_on(async { assert!(billing.verify(&account).await.unwrap()) });
+}
+
+criterion_group!(benches, money_path);
+criterion_main!(benches);

@@ -42,6 +42,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub auth: Authenticator,
     pub billing: Billing,
+    pub moderator: crate::moderation::Moderator,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -67,6 +68,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("reconciling open reservations: {0}")]
     Reconcile(#[from] crate::billing::BillingError),
+    #[error("policies refused:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<crate::policy::PolicyError>),
 }
 
 impl AppState {
@@ -75,6 +78,16 @@ impl AppState {
         let db = Db::connect(&config.database.url).await?;
         let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
         let billing = Billing::new(db, config.billing.reservation_ttl, Some(metrics.clone()));
+        let policies = crate::policy::PolicyStore::load(
+            &config.moderation.policies_dir,
+            Some(metrics.clone()),
+        )
+        .map_err(StartError::Policies)?;
+        let moderator = crate::moderation::Moderator::new(
+            policies,
+            Some(metrics.clone()),
+            config.moderation.retain_prompts,
+        );
         let released = billing.reconcile(true).await?;
         if released > 0 {
             tracing::warn!(
@@ -93,6 +106,7 @@ impl AppState {
             metrics,
             auth,
             billing,
+            moderator,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
         }))
@@ -199,6 +213,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .plugins()
                 .watch()
                 .map_err(|e| StartError::Watch(e.to_string()))?,
+        );
+    }
+    if state.config.moderation.watch {
+        watches.push(
+            state
+                .moderator
+                .policies
+                .watch()
+                .map_err(StartError::Watch)?,
         );
     }
     if let Some(path) = state.config.source.clone() {

@@ -77,6 +77,33 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     billing: RawBilling,
+    #[serde(default)]
+    moderation: RawModeration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModeration {
+    #[serde(default = "default_policies_dir")]
+    policies_dir: String,
+    #[serde(default)]
+    retain_prompts: bool,
+    #[serde(default = "default_true")]
+    watch: bool,
+}
+
+impl Default for RawModeration {
+    fn default() -> Self {
+        Self {
+            policies_dir: default_policies_dir(),
+            retain_prompts: false,
+            watch: true,
+        }
+    }
+}
+
+fn default_policies_dir() -> String {
+    "policies".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,6 +339,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
     pub billing: BillingConfig,
+    pub moderation: ModerationConfig,
     /// Where the configuration came from (`None` for the embedded defaults).
     pub source: Option<PathBuf>,
 }
@@ -338,6 +366,14 @@ pub struct DatabaseConfig {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModerationConfig {
+    pub policies_dir: PathBuf,
+    /// Keep the prompt text in the moderation record (off by default).
+    pub retain_prompts: bool,
+    pub watch: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -558,6 +594,11 @@ impl RawConfig {
             billing: BillingConfig {
                 default_max_output_tokens: self.billing.default_max_output_tokens,
                 reservation_ttl,
+            },
+            moderation: ModerationConfig {
+                policies_dir: PathBuf::from(self.moderation.policies_dir),
+                retain_prompts: self.moderation.retain_prompts,
+                watch: self.moderation.watch,
             },
             plugins: PluginsConfig {
                 dir: PathBuf::from(self.plugins.dir),

@@ -43,6 +43,8 @@ pub enum ApiError {
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
     #[error(transparent)]
+    ContentPolicy(#[from] crate::moderation::Blocked),
+    #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -85,6 +87,7 @@ impl ApiError {
                 BillingError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::ContentPolicy(_) => StatusCode::BAD_REQUEST,
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
@@ -136,6 +139,7 @@ impl ApiError {
                 BillingError::Ledger(_) => "internal_error",
             },
             Self::ModelNotAllowed(_) => "model_not_allowed",
+            Self::ContentPolicy(_) => "content_policy_violation",
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
@@ -204,14 +208,18 @@ impl ApiError {
 
     /// The body in OpenAI's error shape.
     pub fn openai_body(&self) -> serde_json::Value {
-        json!({
+        let mut body = json!({
             "error": {
                 "message": self.public_message(),
                 "type": self.openai_type(),
                 "code": self.kind(),
                 "param": self.param(),
             }
-        })
+        });
+        if let Self::ContentPolicy(b) = self {
+            body["error"]["category"] = json!(b.category);
+        }
+        body
     }
 
     /// Retry hint for 429s that came from the upstream.

@@ -35,6 +35,13 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// Acceptable-use policies: test, check a text, evaluate on a labelled file.
+    Policy {
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: tollgate::policy::cli::PolicyCommand,
+    },
     /// Accounts.
     Accounts {
         #[arg(long, short, global = true)]
@@ -122,6 +129,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.operator.listen
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy { config, command } => {
+            let cfg = tollgate::config::load(config.as_deref())?;
+            tollgate::policy::cli::run(command, &cfg.moderation.policies_dir)
         }
         Command::Accounts { config, command } => {
             let rt = runtime()?;

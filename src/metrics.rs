@@ -47,6 +47,12 @@ pub struct PluginLoadLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub category: String,
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,
 }
@@ -81,6 +87,9 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     payment_required: Family<ModelLabels, Counter>,
     open_reservations: prometheus_client::metrics::gauge::Gauge,
+    verdicts: Family<VerdictLabels, Counter>,
+    policy_reloads: Family<OutcomeLabels, Counter>,
+    moderation_duration: Histogram,
     registry: std::sync::RwLock<Registry>,
 }
 
@@ -162,7 +171,28 @@ impl Metrics {
             "Reservations held by requests in flight on this instance",
             open_reservations.clone(),
         );
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "moderation_verdicts",
+            "Policy hits by category and action (block, flag, shadow)",
+            verdicts.clone(),
+        );
+        let policy_reloads = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Reloads of the policy folder by outcome: loaded, refused",
+            policy_reloads.clone(),
+        );
+        let moderation_duration = Histogram::new(exponential_buckets(0.000_001, 2.0, 20));
+        registry.register(
+            "moderation_duration_seconds",
+            "Time to extract, normalize and screen a request",
+            moderation_duration.clone(),
+        );
         Self {
+            verdicts,
+            policy_reloads,
+            moderation_duration,
             spend,
             tokens,
             payment_required,
@@ -277,6 +307,25 @@ impl Metrics {
 
     pub fn open_reservations(&self, delta: i64) {
         self.open_reservations.inc_by(delta);
+    }
+
+    pub fn moderation_verdict(&self, category: &str, action: &'static str) {
+        self.verdicts
+            .get_or_create(&VerdictLabels {
+                category: category.to_string(),
+                action,
+            })
+            .inc();
+    }
+
+    pub fn policy_reload(&self, outcome: &'static str) {
+        self.policy_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn moderation_duration(&self, d: Duration) {
+        self.moderation_duration.observe(d.as_secs_f64());
     }
 
     /// The text exposition format.

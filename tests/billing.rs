@@ -426,6 +426,7 @@ operator: {{ listen: "127.0.0.1:0" }}
 plugins: {{ dir: "{plugins}" }}
 upstream: {{ stream_idle_timeout: 30s }}
 database: {{ url: "{db_url}" }}
+moderation: {{ policies_dir: "{policies}" }}
 channels:
   - {{ name: demo, plugin: demo }}
   - {{ name: mock, plugin: openai, base_url: "{upstream}", api_key_env: MOCK_KEY }}
@@ -435,7 +436,8 @@ models:
   - {{ name: paid-slow, channel: mock, upstream_model: slow-stream, price: {{ input_per_token: 1000, output_per_token: 2000 }} }}
 log: {{ filter: info, json: true }}
 "#,
-            plugins = dir.join("plugins").display()
+            plugins = dir.join("plugins").display(),
+            policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies")
         ),
     )
     .unwrap();

@@ -32,10 +32,12 @@ fn openai_python_sdk_streamed_and_not() {
     );
     let dir = tempfile::tempdir().unwrap();
     // The operator's first minutes, with the CLI on the same (embedded-default) database.
+    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
     let cli = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
             .current_dir(dir.path())
+            .env("TOLLGATE__MODERATION__POLICIES_DIR", policies)
             .output()
             .unwrap();
         assert!(
@@ -58,6 +60,7 @@ fn openai_python_sdk_streamed_and_not() {
             .env("TOLLGATE__SERVER__LISTEN", "127.0.0.1:0")
             .env("TOLLGATE__OPERATOR__LISTEN", "127.0.0.1:0")
             .env("TOLLGATE__LOG__JSON", "true")
+            .env("TOLLGATE__MODERATION__POLICIES_DIR", policies)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

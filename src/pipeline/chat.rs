@@ -177,6 +177,12 @@ pub async fn chat(
         }
         _ => {}
     }
+    // Screening: a blocked prompt is refused here, before any money moves or any upstream sees it.
+    let body: serde_json::Value = serde_json::from_str(&req.raw)
+        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
+    let set = caller.map_or("default", |c| c.policy_set.as_str());
+    st.moderator
+        .screen(&body, set, caller.map(|c| c.key_id.as_str()), request_id)?;
     let provider = pick.plugin.name().to_string();
     tracing::Span::current().record("provider", provider.as_str());
     let price = pick.price();

@@ -175,6 +175,7 @@ fn main() {
 operator: {{ listen: "127.0.0.1:0" }}
 plugins: {{ dir: "{plugins}", watch: false }}
 database: {{ url: "sqlite://{db}" }}
+moderation: {{ policies_dir: "{policies}", watch: false }}
 auth: {{ anonymous_models: [gpt-4o-mini] }}
 channels:
   - {{ name: mock, plugin: openai, base_url: "http://{mock_addr}/v1", api_key_env: BENCH_UPSTREAM_KEY }}
@@ -184,7 +185,8 @@ models:
 log: {{ filter: warn, json: true }}
 "#,
             plugins = dir.path().join("plugins").display(),
-            db = dir.path().join("bench.db").display()
+            db = dir.path().join("bench.db").display(),
+            policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies")
         ),
     )
     .unwrap();

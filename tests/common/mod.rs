@@ -309,12 +309,16 @@ log:
   filter: warn
 database:
   url: "sqlite://{db}"
+moderation:
+  policies_dir: "{policies}"
+  watch: false
 auth:
   # The wire-format tests call without keys; tests/billing.rs covers keys and money.
   anonymous_models: [{anonymous}]
 "#,
         dir = plugin_dir.display(),
         db = db.display(),
+        policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
         anonymous = anonymous.join(", ")
     )
 }

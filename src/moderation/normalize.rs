@@ -1,0 +1,190 @@
+//! Text normalization before screening: the forms people use to slip past keyword lists are
+//! folded back to plain lowercase words.
+//!
+//! In order: Unicode NFKC (full-width letters, ligatures, compatibility forms), lowercase,
+//! zero-width and control characters dropped, confusable letters (Cyrillic and Greek look-alikes)
+//! mapped to Latin, leetspeak digits and symbols mapped inside words that also hold letters
+//! (`k1ll`, `b0mb`, `$ex`; a plain number stays a number), and single letters spaced or dotted
+//! apart joined (`k i l l`, `b.o.m.b`). ASCII text skips the Unicode steps.
+
+use unicode_normalization::UnicodeNormalization;
+
+/// Look-alike letters mapped to the Latin letter they imitate.
+fn confusable(c: char) -> Option<char> {
+    Some(match c {
+        'а' => 'a',
+        'в' => 'b',
+        'е' | 'ё' => 'e',
+        'к' => 'k',
+        'м' => 'm',
+        'н' => 'h',
+        'о' => 'o',
+        'р' => 'p',
+        'с' => 'c',
+        'т' => 't',
+        'у' => 'y',
+        'х' => 'x',
+        'і' => 'i',
+        'ј' => 'j',
+        'ѕ' => 's',
+        'ԁ' => 'd',
+        'ɡ' => 'g',
+        'α' => 'a',
+        'β' => 'b',
+        'ε' => 'e',
+        'ι' => 'i',
+        'κ' => 'k',
+        'ν' => 'v',
+        'ο' => 'o',
+        'ρ' => 'p',
+        'τ' => 't',
+        'υ' => 'u',
+        'χ' => 'x',
+        'ı' => 'i',
+        '\u{2019}' | '\u{2018}' | '\u{02BC}' => '\'',
+        _ => return None,
+    })
+}
+
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}' | '\u{00AD}' | '\u{034F}' | '\u{180E}'
+    ) || (c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+}
+
+fn leet(c: char) -> Option<char> {
+    Some(match c {
+        '0' => 'o',
+        '1' | '!' | '|' => 'i',
+        '3' => 'e',
+        '4' | '@' => 'a',
+        '5' | '$' => 's',
+        '7' | '+' => 't',
+        '8' => 'b',
+        _ => return None,
+    })
+}
+
+/// Normalize a text for screening.
+pub fn normalize(text: &str) -> String {
+    let mut folded = String::with_capacity(text.len());
+    if text.is_ascii() {
+        for b in text.bytes() {
+            let c = char::from(b);
+            if !invisible(c) {
+                folded.push(c.to_ascii_lowercase());
+            }
+        }
+    } else {
+        for c in text.nfkc() {
+            if invisible(c) {
+                continue;
+            }
+            for l in c.to_lowercase() {
+                folded.push(confusable(l).unwrap_or(l));
+            }
+        }
+    }
+    join_spaced(&unleet(&folded))
+}
+
+/// Map leetspeak inside words that mix letters with digits or symbols.
+fn unleet(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let has_alpha = word.chars().any(char::is_alphabetic);
+        let has_leet = word.chars().any(|c| leet(c).is_some());
+        if has_alpha && has_leet {
+            let cs: Vec<char> = word.chars().collect();
+            for (k, c) in cs.iter().enumerate() {
+                // A symbol stands for a letter only inside a word ("sh!t", "$ex"), never at its
+                // end ("kill!").
+                let symbol = !c.is_alphanumeric();
+                let mapped = if symbol && k + 1 == cs.len() {
+                    None
+                } else {
+                    leet(*c)
+                };
+                out.push(mapped.unwrap_or(*c));
+            }
+        } else {
+            out.push_str(word);
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_alphanumeric() || leet(c).is_some() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// Join runs of three or more single letters separated by one space, dot, dash or underscore.
+fn join_spaced(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let single = |k: usize| -> bool {
+        chars.get(k).is_some_and(|c| c.is_alphabetic())
+            && (k == 0 || !chars[k - 1].is_alphanumeric())
+            && chars.get(k + 1).is_none_or(|c| !c.is_alphanumeric())
+    };
+    let sep = |c: char| matches!(c, ' ' | '.' | '-' | '_' | '*');
+    while i < chars.len() {
+        if single(i) {
+            // Collect letters at i, i+2, i+4, ... while each is single and the gap is a separator.
+            let mut j = i;
+            let mut letters = vec![chars[i]];
+            while j + 2 < chars.len() && sep(chars[j + 1]) && single(j + 2) {
+                letters.push(chars[j + 2]);
+                j += 2;
+            }
+            if letters.len() >= 3 {
+                // A leading "a" or "i" before a longer run is most likely the word itself
+                // ("make a b o m b").
+                if matches!(letters[0], 'a' | 'i') && letters.len() >= 4 {
+                    out.push(letters[0]);
+                    out.push(' ');
+                    out.extend(&letters[1..]);
+                } else {
+                    out.extend(letters);
+                }
+                i = j + 1;
+                continue;
+            }
+        }
+        out.push(chars[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn evasions_fold_back() {
+        assert_eq!(normalize("Ｂｏｍｂ"), "bomb");
+        assert_eq!(normalize("b\u{200B}o\u{200D}mb"), "bomb");
+        assert_eq!(normalize("bоmb"), "bomb"); // Cyrillic о
+        assert_eq!(normalize("h0w to k1ll"), "how to kill");
+        assert_eq!(normalize("k i l l them"), "kill them");
+        assert_eq!(normalize("b.o.m.b"), "bomb");
+        assert_eq!(normalize("make a b o m b"), "make a bomb");
+        assert_eq!(
+            normalize("I have 2 cats and 13 dogs"),
+            "i have 2 cats and 13 dogs"
+        );
+        assert_eq!(normalize("a b"), "a b");
+        assert_eq!(normalize("stop it!"), "stop it!");
+        assert_eq!(normalize("sh!t"), "shit");
+    }
+}

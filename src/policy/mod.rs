@@ -1,0 +1,803 @@
+//! Policy files: `policies/*.yaml`, one per category, plus `policies/sets.yaml`. Reads them
+//! strictly, compiles every category into one Aho-Corasick automaton and one `RegexSet`, runs
+//! each file's own examples, and swaps the compiled result in atomically when files change.
+//!
+//! A rule matches by keywords (whole words; CJK text, which has no spaces, by substring), by
+//! regex, or by co-occurrence: a term of every group within a window of words ("a child" with a
+//! sexual term). Exceptions are benign phrases: a match inside one does not count ("kill the
+//! process", "breast cancer screening"). Compiling happens once per change, never per request.
+
+pub mod cli;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use arc_swap::ArcSwap;
+use regex::{Regex, RegexSet};
+use serde::Deserialize;
+
+use crate::moderation::normalize::normalize;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A policy problem, naming the file and, when the parser knows it, the line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}{}: {message}", .line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct PolicyError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.display().to_string(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a set does with a category's matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Not screened at all.
+    Allow,
+    /// Evaluated on live traffic and recorded; the request goes through. For rolling out a rule.
+    Shadow,
+    /// Let through, recorded and counted.
+    Flag,
+    /// Refused with 400 `content_policy_violation`.
+    Block,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Shadow => "shadow",
+            Self::Flag => "flag",
+            Self::Block => "block",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format (strict, versioned). Converted to internal types below; never serialized.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CategoryFile {
+    version: u32,
+    category: String,
+    description: String,
+    #[serde(default)]
+    rules: Vec<RuleFile>,
+    #[serde(default)]
+    exceptions: Vec<String>,
+    #[serde(default)]
+    examples: Examples,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    id: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    keywords: Vec<String>,
+    #[serde(default)]
+    patterns: Vec<String>,
+    #[serde(default)]
+    all_of: Option<CoOccurrence>,
+    /// Overrides the set's action for this rule (e.g. `shadow` for a new rule).
+    #[serde(default)]
+    action: Option<Action>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoOccurrence {
+    /// Words between the first and the last term, at most.
+    window: usize,
+    groups: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Examples {
+    #[serde(default)]
+    must_block: Vec<String>,
+    #[serde(default)]
+    must_pass: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetsFile {
+    version: u32,
+    default_set: String,
+    sets: BTreeMap<String, SetFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetFile {
+    #[serde(default)]
+    description: Option<String>,
+    /// Start from another set and change some categories.
+    #[serde(default)]
+    extends: Option<String>,
+    #[serde(default)]
+    categories: BTreeMap<String, Action>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled form.
+// ---------------------------------------------------------------------------------------------
+
+/// What a term in the automaton belongs to.
+#[derive(Debug, Clone)]
+enum TermUse {
+    Keyword {
+        rule: usize,
+    },
+    Group {
+        rule: usize,
+        group: usize,
+    },
+    /// A benign phrase of a category: a hit of that category inside it, or starting within
+    /// `EXCEPTION_REACH` words after it ("debunk the claim that ..."), does not count.
+    Exception {
+        category: usize,
+    },
+}
+
+/// How many words after an exception phrase it still covers.
+const EXCEPTION_REACH: u32 = 6;
+
+#[derive(Debug)]
+struct Rule {
+    id: String,
+    category: String,
+    action: Option<Action>,
+    /// For co-occurrence rules: the window and the number of groups.
+    window: usize,
+    groups: usize,
+}
+
+/// One hit of a rule, in the normalized text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub category: String,
+    pub rule: String,
+    pub action: Action,
+    /// Byte range in the normalized text.
+    pub start: usize,
+    pub end: usize,
+    pub matched: String,
+}
+
+/// The outcome of screening a text with one set.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub action: Action,
+    /// The hit that decided the action (the first blocking one, else the first recorded one).
+    pub decisive: Option<Hit>,
+    pub hits: Vec<Hit>,
+    pub normalized: String,
+}
+
+/// Every category compiled, with the sets.
+pub struct Compiled {
+    rules: Vec<Rule>,
+    terms: AhoCorasick,
+    term_uses: Vec<Vec<TermUse>>,
+    /// Terms with CJK characters match without word boundaries.
+    term_cjk: Vec<bool>,
+    regexes: RegexSet,
+    regex_list: Vec<(Regex, usize)>,
+    sets: BTreeMap<String, BTreeMap<String, Action>>,
+    pub default_set: String,
+    pub categories: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compiled")
+            .field("rules", &self.rules.len())
+            .field("categories", &self.categories)
+            .finish()
+    }
+}
+
+/// A whole-word match may end at a word boundary or with a plural or verb ending ("bombs",
+/// "hacked", "killing").
+fn word_end_ok(rest: &str) -> bool {
+    let boundary = |r: &str| r.chars().next().is_none_or(|c| !is_word_char(c));
+    boundary(rest)
+        || ["s", "es", "ed", "ing", "er", "ers"]
+            .iter()
+            .any(|suf| rest.starts_with(suf) && boundary(&rest[suf.len()..]))
+}
+
+type ExampleSet = Vec<(PathBuf, String, Examples)>;
+
+fn has_cjk(s: &str) -> bool {
+    s.chars().any(|c| {
+        matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF | 0xF900..=0xFAFF)
+    })
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// Word index of every byte offset: words are runs of word characters.
+fn word_index(text: &str) -> Vec<u32> {
+    let mut idx = vec![0u32; text.len() + 1];
+    let mut w = 0u32;
+    let mut in_word = false;
+    for (i, c) in text.char_indices() {
+        let wc = is_word_char(c);
+        if wc && !in_word {
+            w += 1;
+        }
+        in_word = wc;
+        for slot in idx.iter_mut().skip(i).take(c.len_utf8()) {
+            *slot = w;
+        }
+    }
+    if let Some(last) = idx.last_mut() {
+        *last = w;
+    }
+    idx
+}
+
+impl Compiled {
+    /// Read every policy file in `dir` and compile; any problem refuses the whole directory.
+    pub fn load(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                .collect(),
+            Err(e) => {
+                return Err(vec![PolicyError::new(
+                    dir,
+                    None,
+                    format!("cannot read the folder: {e}"),
+                )]);
+            }
+        };
+        files.sort();
+        let mut cats = Vec::new();
+        let mut sets_file = None;
+        for path in &files {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(PolicyError::new(path, None, e.to_string()));
+                    continue;
+                }
+            };
+            let is_sets = path.file_stem().is_some_and(|s| s == "sets");
+            let parsed = if is_sets {
+                serde_yaml::from_str::<SetsFile>(&text).map(|s| sets_file = Some((path.clone(), s)))
+            } else {
+                serde_yaml::from_str::<CategoryFile>(&text).map(|c| cats.push((path.clone(), c)))
+            };
+            if let Err(e) = parsed {
+                errors.push(PolicyError::new(
+                    path,
+                    e.location().map(|l| l.line()),
+                    e.to_string(),
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let Some((sets_path, sets)) = sets_file else {
+            return Err(vec![PolicyError::new(dir, None, "sets.yaml is missing")]);
+        };
+        let (compiled, examples) = Self::compile(cats, &sets_path, sets, files)?;
+        let failures = compiled.check_examples(examples);
+        if failures.is_empty() {
+            Ok(compiled)
+        } else {
+            Err(failures)
+        }
+    }
+
+    fn compile(
+        cats: Vec<(PathBuf, CategoryFile)>,
+        sets_path: &Path,
+        sets: SetsFile,
+        files: Vec<PathBuf>,
+    ) -> Result<(Self, ExampleSet), Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        let mut term_map: BTreeMap<String, usize> = BTreeMap::new();
+        let mut term_list: Vec<String> = Vec::new();
+        let mut term_uses: Vec<Vec<TermUse>> = Vec::new();
+        let mut regex_sources = Vec::new();
+        let mut regex_list = Vec::new();
+        let mut categories = Vec::new();
+        let mut examples = Vec::new();
+        let mut add_term = |raw: &str,
+                            use_: TermUse,
+                            term_list: &mut Vec<String>,
+                            term_uses: &mut Vec<Vec<TermUse>>| {
+            let t = normalize(raw.trim());
+            if t.is_empty() {
+                return;
+            }
+            let i = *term_map.entry(t.clone()).or_insert_with(|| {
+                term_list.push(t);
+                term_uses.push(Vec::new());
+                term_list.len() - 1
+            });
+            term_uses[i].push(use_);
+        };
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, file) in cats {
+            if file.version != SCHEMA_VERSION {
+                errors.push(PolicyError::new(
+                    &path,
+                    None,
+                    format!(
+                        "version {} is not supported (expected {SCHEMA_VERSION})",
+                        file.version
+                    ),
+                ));
+                continue;
+            }
+            if file.description.trim().is_empty() {
+                errors.push(PolicyError::new(
+                    &path,
+                    None,
+                    "description must say what the category covers",
+                ));
+            }
+            categories.push(file.category.clone());
+            for r in file.rules {
+                if !ids.insert(r.id.clone()) {
+                    errors.push(PolicyError::new(
+                        &path,
+                        None,
+                        format!("rule id `{}` is used twice", r.id),
+                    ));
+                }
+                let idx = rules.len();
+                let mut groups = 0;
+                let mut window = 0;
+                let kinds = usize::from(!r.keywords.is_empty())
+                    + usize::from(!r.patterns.is_empty())
+                    + usize::from(r.all_of.is_some());
+                if kinds != 1 {
+                    errors.push(PolicyError::new(
+                        &path,
+                        None,
+                        format!(
+                            "rule `{}` needs exactly one of keywords, patterns, all_of",
+                            r.id
+                        ),
+                    ));
+                }
+                for k in &r.keywords {
+                    add_term(
+                        k,
+                        TermUse::Keyword { rule: idx },
+                        &mut term_list,
+                        &mut term_uses,
+                    );
+                }
+                for p in &r.patterns {
+                    // ASCII word boundaries keep the regex engine on its fast DFA path; the
+                    // text is normalized (lowercase, folded) before matching anyway.
+                    let p = &p.replace("\\b", "(?-u:\\b)");
+                    match Regex::new(p) {
+                        Ok(re) => {
+                            regex_sources.push(p.clone());
+                            regex_list.push((re, idx));
+                        }
+                        Err(e) => errors.push(PolicyError::new(
+                            &path,
+                            None,
+                            format!("rule `{}`: pattern does not compile: {e}", r.id),
+                        )),
+                    }
+                }
+                if let Some(co) = &r.all_of {
+                    if co.groups.len() < 2 || co.groups.iter().any(Vec::is_empty) {
+                        errors.push(PolicyError::new(
+                            &path,
+                            None,
+                            format!("rule `{}`: all_of needs two or more non-empty groups", r.id),
+                        ));
+                    }
+                    groups = co.groups.len();
+                    window = co.window.max(1);
+                    for (g, terms) in co.groups.iter().enumerate() {
+                        for t in terms {
+                            add_term(
+                                t,
+                                TermUse::Group {
+                                    rule: idx,
+                                    group: g,
+                                },
+                                &mut term_list,
+                                &mut term_uses,
+                            );
+                        }
+                    }
+                }
+                let _ = r.description;
+                rules.push(Rule {
+                    id: r.id,
+                    category: file.category.clone(),
+                    action: r.action,
+                    window,
+                    groups,
+                });
+            }
+            let cat_idx = categories.len() - 1;
+            for e in &file.exceptions {
+                add_term(
+                    e,
+                    TermUse::Exception { category: cat_idx },
+                    &mut term_list,
+                    &mut term_uses,
+                );
+            }
+            examples.push((path, file.category, file.examples));
+        }
+        let terms = AhoCorasickBuilder::new()
+            .match_kind(MatchKind::Standard)
+            .build(&term_list)
+            .map_err(|e| {
+                vec![PolicyError::new(
+                    sets_path,
+                    None,
+                    format!("building the automaton: {e}"),
+                )]
+            })?;
+        let regexes = RegexSet::new(&regex_sources).map_err(|e| {
+            vec![PolicyError::new(
+                sets_path,
+                None,
+                format!("building the regex set: {e}"),
+            )]
+        })?;
+        // Sets.
+        let mut resolved: BTreeMap<String, BTreeMap<String, Action>> = BTreeMap::new();
+        if sets.version != SCHEMA_VERSION {
+            errors.push(PolicyError::new(
+                sets_path,
+                None,
+                format!("version {} is not supported", sets.version),
+            ));
+        }
+        let mut pending: Vec<(&String, &SetFile)> = sets.sets.iter().collect();
+        let mut guard = 0;
+        while !pending.is_empty() && guard < 32 {
+            guard += 1;
+            pending.retain(|(name, set)| {
+                let base = match &set.extends {
+                    None => Some(BTreeMap::new()),
+                    Some(parent) => resolved.get(parent).cloned(),
+                };
+                let Some(mut map) = base else { return true };
+                for (cat, action) in &set.categories {
+                    map.insert(cat.clone(), *action);
+                }
+                let _ = &set.description;
+                resolved.insert((*name).clone(), map);
+                false
+            });
+        }
+        for (name, _) in pending {
+            errors.push(PolicyError::new(
+                sets_path,
+                None,
+                format!("set `{name}` extends an unknown set or a cycle"),
+            ));
+        }
+        for (name, map) in &resolved {
+            for cat in map.keys() {
+                if !categories.contains(cat) {
+                    errors.push(PolicyError::new(
+                        sets_path,
+                        None,
+                        format!("set `{name}` names unknown category `{cat}`"),
+                    ));
+                }
+            }
+        }
+        if !resolved.contains_key(&sets.default_set) {
+            errors.push(PolicyError::new(
+                sets_path,
+                None,
+                format!("default_set `{}` is not defined", sets.default_set),
+            ));
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let term_cjk = term_list.iter().map(|t| has_cjk(t)).collect();
+        let compiled = Self {
+            rules,
+            terms,
+            term_uses,
+            term_cjk,
+            regexes,
+            regex_list,
+            sets: resolved,
+            default_set: sets.default_set,
+            categories,
+            files,
+        };
+        Ok((compiled, examples))
+    }
+
+    /// Every file's examples, each checked against its own category with every rule on `block`
+    /// (shadow rules included: an example documents what the rule is for).
+    fn check_examples(&self, examples: ExampleSet) -> Vec<PolicyError> {
+        let mut failures = Vec::new();
+        for (path, category, ex) in examples {
+            for text in &ex.must_block {
+                let hits = self.hits(text, None);
+                if !hits.iter().any(|h| h.category == category) {
+                    failures.push(PolicyError::new(
+                        &path,
+                        None,
+                        format!("must_block example passes: {text:?}"),
+                    ));
+                }
+            }
+            for text in &ex.must_pass {
+                let hits = self.hits(text, None);
+                if let Some(h) = hits.iter().find(|h| h.category == category) {
+                    failures.push(PolicyError::new(
+                        &path,
+                        None,
+                        format!(
+                            "must_pass example is caught by rule `{}` on {:?}: {text:?}",
+                            h.rule, h.matched
+                        ),
+                    ));
+                }
+            }
+        }
+        failures
+    }
+
+    pub fn has_set(&self, name: &str) -> bool {
+        self.sets.contains_key(name)
+    }
+
+    /// Screen a text with a set (unknown set: the default set).
+    pub fn screen(&self, text: &str, set: &str) -> Verdict {
+        let set_map = self
+            .sets
+            .get(set)
+            .or_else(|| self.sets.get(&self.default_set));
+        let normalized = normalize(text);
+        let mut hits = self.hits_normalized(&normalized, set_map);
+        hits.sort_by(|a, b| b.action.cmp(&a.action).then(a.start.cmp(&b.start)));
+        let decisive = hits.first().cloned();
+        Verdict {
+            action: decisive.as_ref().map_or(Action::Allow, |h| h.action),
+            decisive,
+            hits,
+            normalized,
+        }
+    }
+
+    fn hits(&self, text: &str, set: Option<&BTreeMap<String, Action>>) -> Vec<Hit> {
+        self.hits_normalized(&normalize(text), set)
+    }
+
+    /// Every rule hit in a normalized text. With a set, each hit carries the set's action (or the
+    /// rule's override); categories the set allows are skipped. Without a set: `Block`.
+    fn hits_normalized(&self, text: &str, set: Option<&BTreeMap<String, Action>>) -> Vec<Hit> {
+        let action_of = |rule: &Rule| -> Action {
+            let base = match set {
+                None => Action::Block,
+                Some(map) => map.get(&rule.category).copied().unwrap_or(Action::Allow),
+            };
+            if base == Action::Allow {
+                return Action::Allow;
+            }
+            match (set, rule.action) {
+                (Some(_), Some(a)) => a,
+                _ => base,
+            }
+        };
+        let mut exceptions: Vec<(usize, usize, usize)> = Vec::new(); // (category, start, end)
+        let mut kw: Vec<(usize, usize, usize)> = Vec::new(); // (rule, start, end)
+        let mut groups: Vec<(usize, usize, usize, usize)> = Vec::new(); // (rule, group, start, end)
+        for m in self.terms.find_overlapping_iter(text) {
+            let (s, e) = (m.start(), m.end());
+            let id = m.pattern().as_usize();
+            if !self.term_cjk[id] {
+                let before = text[..s].chars().next_back();
+                let starts_word = before.is_none_or(|c| !is_word_char(c));
+                let ends_word = word_end_ok(&text[e..]);
+                if !starts_word || !ends_word {
+                    continue;
+                }
+            }
+            for u in &self.term_uses[id] {
+                match u {
+                    TermUse::Exception { category } => exceptions.push((*category, s, e)),
+                    TermUse::Keyword { rule } => kw.push((*rule, s, e)),
+                    TermUse::Group { rule, group } => groups.push((*rule, *group, s, e)),
+                }
+            }
+        }
+        let words = word_index(text);
+        let excepted = |rule: usize, s: usize, e: usize| {
+            let cat = &self.rules[rule].category;
+            exceptions.iter().any(|(c, xs, xe)| {
+                self.categories.get(*c) == Some(cat)
+                    && ((*xs <= s && e <= *xe)
+                        || (*xe <= s && words[s].saturating_sub(words[*xe]) <= EXCEPTION_REACH))
+            })
+        };
+        let mut hits = Vec::new();
+        let push = |rule_idx: usize, s: usize, e: usize, hits: &mut Vec<Hit>| {
+            let rule = &self.rules[rule_idx];
+            let action = action_of(rule);
+            if action == Action::Allow || hits.iter().any(|h: &Hit| h.rule == rule.id) {
+                return;
+            }
+            hits.push(Hit {
+                category: rule.category.clone(),
+                rule: rule.id.clone(),
+                action,
+                start: s,
+                end: e,
+                matched: text.get(s..e).unwrap_or_default().to_string(),
+            });
+        };
+        for (rule, s, e) in kw {
+            if !excepted(rule, s, e) {
+                push(rule, s, e, &mut hits);
+            }
+        }
+        for re_idx in self.regexes.matches(text).iter() {
+            let (re, rule) = &self.regex_list[re_idx];
+            if let Some(m) = re
+                .find_iter(text)
+                .find(|m| !excepted(*rule, m.start(), m.end()))
+            {
+                push(*rule, m.start(), m.end(), &mut hits);
+            }
+        }
+        if !groups.is_empty() {
+            let mut by_rule: BTreeMap<usize, Vec<(usize, usize, usize)>> = BTreeMap::new();
+            for (rule, g, s, e) in groups {
+                if !excepted(rule, s, e) {
+                    by_rule.entry(rule).or_default().push((g, s, e));
+                }
+            }
+            for (rule_idx, mut found) in by_rule {
+                let rule = &self.rules[rule_idx];
+                found.sort_by_key(|f| f.1);
+                // Sliding window over matches in text order: all groups within `window` words.
+                for (i, first) in found.iter().enumerate() {
+                    let w0 = words[first.1];
+                    let mut seen = vec![false; rule.groups];
+                    let mut end = first.2;
+                    for f in &found[i..] {
+                        if (words[f.1] as usize).saturating_sub(w0 as usize) > rule.window {
+                            break;
+                        }
+                        seen[f.0] = true;
+                        end = end.max(f.2);
+                        if seen.iter().all(|x| *x) {
+                            break;
+                        }
+                    }
+                    if seen.iter().all(|x| *x) {
+                        push(rule_idx, first.1, end, &mut hits);
+                        break;
+                    }
+                }
+            }
+        }
+        hits
+    }
+}
+
+/// The compiled policies in force, swapped atomically on a good change.
+pub struct PolicyStore {
+    dir: PathBuf,
+    current: ArcSwap<Compiled>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl PolicyStore {
+    /// Load at start: a bad policy folder is fatal here (there is no last good one yet).
+    pub fn load(
+        dir: &Path,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Arc<Self>, Vec<PolicyError>> {
+        let compiled = Compiled::load(dir)?;
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            current: ArcSwap::from_pointee(compiled),
+            metrics,
+            last_error: std::sync::Mutex::new(None),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Compiled> {
+        self.current.load_full()
+    }
+
+    /// Load the folder again; a change that does not parse or fails its examples is refused and
+    /// the last good policies keep serving.
+    pub fn reload(&self) -> Result<(), Vec<PolicyError>> {
+        match Compiled::load(&self.dir) {
+            Ok(c) => {
+                self.current.store(Arc::new(c));
+                if let Some(m) = &self.metrics {
+                    m.policy_reload("loaded");
+                }
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::info!(dir = %self.dir.display(), "policies reloaded");
+                Ok(())
+            }
+            Err(errs) => {
+                if let Some(m) = &self.metrics {
+                    m.policy_reload("refused");
+                }
+                let text = errs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(errors = %text, "policy change refused; the last good policies keep serving");
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(text);
+                Err(errs)
+            }
+        }
+    }
+
+    /// The last refusal, if the newest files were refused.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Watch the folder and reload on change.
+    pub fn watch(self: &Arc<Self>) -> Result<crate::watch::Watch, String> {
+        let me = Arc::downgrade(self);
+        crate::watch::spawn(vec![self.dir.clone()], move || {
+            if let Some(store) = me.upgrade() {
+                let _ = store.reload();
+            }
+        })
+    }
+}

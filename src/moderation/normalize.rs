@@ -42,6 +42,7 @@ fn confusable(c: char) -> Option<char> {
         'χ' => 'x',
         'ı' => 'i',
         '\u{2019}' | '\u{2018}' | '\u{02BC}' => '\'',
+        '\u{201C}' | '\u{201D}' | '\u{201E}' | '\u{00AB}' | '\u{00BB}' => '"',
         _ => return None,
     })
 }
@@ -70,11 +71,15 @@ fn leet(c: char) -> Option<char> {
 pub fn normalize(text: &str) -> String {
     let mut folded = String::with_capacity(text.len());
     if text.is_ascii() {
-        for b in text.bytes() {
-            let c = char::from(b);
-            if !invisible(c) {
-                folded.push(c.to_ascii_lowercase());
-            }
+        let control = |b: u8| (b < 0x20 && !matches!(b, b'\n' | b'\t' | b'\r')) || b == 0x7f;
+        if text.bytes().any(control) {
+            folded.extend(
+                text.bytes()
+                    .filter(|b| !control(*b))
+                    .map(|b| char::from(b.to_ascii_lowercase())),
+            );
+        } else {
+            folded = text.to_ascii_lowercase();
         }
     } else {
         for c in text.nfkc() {
@@ -91,6 +96,13 @@ pub fn normalize(text: &str) -> String {
 
 /// Map leetspeak inside words that mix letters with digits or symbols.
 fn unleet(text: &str) -> String {
+    // Fast path: nothing that could be leetspeak.
+    if !text
+        .bytes()
+        .any(|b| b.is_ascii_digit() || matches!(b, b'!' | b'|' | b'@' | b'$' | b'+'))
+    {
+        return text.to_string();
+    }
     let mut out = String::with_capacity(text.len());
     let mut word = String::new();
     let flush = |word: &mut String, out: &mut String| {
@@ -128,6 +140,10 @@ fn unleet(text: &str) -> String {
 
 /// Join runs of three or more single letters separated by one space, dot, dash or underscore.
 fn join_spaced(text: &str) -> String {
+    // Fast path: no single letter between separators followed by another one.
+    if !has_spaced_run(text.as_bytes()) {
+        return text.to_string();
+    }
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
@@ -164,6 +180,20 @@ fn join_spaced(text: &str) -> String {
         i += 1;
     }
     out
+}
+
+/// Whether some ASCII letter stands alone and another lone letter follows two bytes later; a
+/// cheap test that lets almost every text skip the joining pass. Non-ASCII text always takes it.
+fn has_spaced_run(b: &[u8]) -> bool {
+    if !b.is_ascii() {
+        return true;
+    }
+    let alone = |i: usize| -> bool {
+        b.get(i).is_some_and(u8::is_ascii_alphabetic)
+            && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+            && b.get(i + 1).is_none_or(|c| !c.is_ascii_alphanumeric())
+    };
+    (0..b.len()).any(|i| alone(i) && alone(i + 2) && alone(i + 4))
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ pub enum PolicyCommand {
         set: Option<String>,
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Write every disagreement (missed harmful rows, blocked benign rows) to this JSONL file.
+        #[arg(long)]
+        misses: Option<PathBuf>,
     },
 }
 
@@ -83,10 +86,15 @@ pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        PolicyCommand::Eval { file, set, dir } => {
+        PolicyCommand::Eval {
+            file,
+            set,
+            dir,
+            misses,
+        } => {
             let c = load(dir.as_deref().unwrap_or(default_dir))?;
             let set = set.unwrap_or_else(|| c.default_set.clone());
-            eval(&c, &file, &set)?;
+            eval(&c, &file, &set, misses.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -128,8 +136,13 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-fn eval(c: &Compiled, file: &Path, set: &str) -> anyhow::Result<()> {
+fn eval(c: &Compiled, file: &Path, set: &str, misses: Option<&Path>) -> anyhow::Result<()> {
+    use std::io::Write;
     let f = std::fs::File::open(file)?;
+    let mut misses = match misses {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
+        None => None,
+    };
     let mut per_cat: std::collections::BTreeMap<String, Count> = Default::default();
     let mut per_source: std::collections::BTreeMap<String, (u64, u64, u64, u64)> =
         Default::default(); // harmful, caught, benign, flagged
@@ -168,6 +181,20 @@ fn eval(c: &Compiled, file: &Path, set: &str) -> anyhow::Result<()> {
             .map(|h| h.category.clone())
             .collect();
         let is_benign = labels.iter().all(|l| l == "benign");
+        if let Some(w) = misses.as_mut()
+            && (is_benign == blocked)
+        {
+            let hits: Vec<String> = v
+                .hits
+                .iter()
+                .map(|h| format!("{}:{}:{}", h.rule, h.action.as_str(), h.matched))
+                .collect();
+            writeln!(
+                w,
+                "{}",
+                serde_json::json!({"kind": if blocked { "false_block" } else { "missed" }, "labels": labels, "source": source, "hits": hits, "text": text})
+            )?;
+        }
         let entry = per_source.entry(source.clone()).or_default();
         if is_benign {
             benign += 1;

@@ -80,6 +80,10 @@ struct CategoryFile {
     rules: Vec<RuleFile>,
     #[serde(default)]
     exceptions: Vec<String>,
+    /// A hit inside double quotes, in a text that also says something outside them, is a
+    /// mention ("saying 'X' is bigoted"), not a use.
+    #[serde(default)]
+    quoted_mentions_pass: bool,
     #[serde(default)]
     examples: Examples,
 }
@@ -204,6 +208,8 @@ pub struct Compiled {
     regexes: RegexSet,
     regex_list: Vec<(Regex, usize)>,
     sets: BTreeMap<String, BTreeMap<String, Action>>,
+    /// Categories whose quoted mentions pass.
+    quoted_pass: std::collections::BTreeSet<String>,
     pub default_set: String,
     pub categories: Vec<String>,
     pub files: Vec<PathBuf>,
@@ -350,7 +356,11 @@ impl Compiled {
             term_uses[i].push(use_);
         };
         let mut ids = std::collections::BTreeSet::new();
+        let mut quoted_pass = std::collections::BTreeSet::new();
         for (path, file) in cats {
+            if file.quoted_mentions_pass {
+                quoted_pass.insert(file.category.clone());
+            }
             if file.version != SCHEMA_VERSION {
                 errors.push(PolicyError::new(
                     &path,
@@ -464,6 +474,7 @@ impl Compiled {
         }
         let terms = AhoCorasickBuilder::new()
             .match_kind(MatchKind::Standard)
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(&term_list)
             .map_err(|e| {
                 vec![PolicyError::new(
@@ -543,6 +554,7 @@ impl Compiled {
             regexes,
             regex_list,
             sets: resolved,
+            quoted_pass,
             default_set: sets.default_set,
             categories,
             files,
@@ -647,11 +659,28 @@ impl Compiled {
             }
         }
         let words = word_index(text);
+        // Quoted stretches, when the text also has words outside quotes.
+        let quotes: Vec<usize> = text.match_indices('"').map(|(i, _)| i).collect();
+        let quoted: Vec<(usize, usize)> = quotes.chunks_exact(2).map(|q| (q[0], q[1])).collect();
+        let outside_words = {
+            let mut inside = 0u32;
+            for (a, b) in &quoted {
+                inside += words[*b].saturating_sub(words[*a]);
+            }
+            words[text.len()].saturating_sub(inside)
+        };
         let excepted = |rule: usize, s: usize, e: usize| {
             let cat = &self.rules[rule].category;
+            if outside_words >= 3
+                && self.quoted_pass.contains(cat)
+                && quoted.iter().any(|(a, b)| *a < s && e <= *b)
+            {
+                return true;
+            }
             exceptions.iter().any(|(c, xs, xe)| {
                 self.categories.get(*c) == Some(cat)
                     && ((*xs <= s && e <= *xe)
+                        || (s <= *xs && *xe <= e)
                         || (*xe <= s && words[s].saturating_sub(words[*xe]) <= EXCEPTION_REACH))
             })
         };

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Plugins compiled into the gateway binary.
-const BUNDLED: &[&str] = &["demo", "openai"];
+const BUNDLED: &[&str] = &["demo", "openai", "policy_secrets"];
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
@@ -25,6 +25,7 @@ fn main() {
         "sdk",
         "demo",
         "openai",
+        "policy_secrets",
         "testguests",
         "Cargo.toml",
         "Cargo.lock",

@@ -83,11 +83,6 @@ impl AppState {
             Some(metrics.clone()),
         )
         .map_err(StartError::Policies)?;
-        let moderator = crate::moderation::Moderator::new(
-            policies,
-            Some(metrics.clone()),
-            config.moderation.retain_prompts,
-        );
         let released = billing.reconcile(true).await?;
         if released > 0 {
             tracing::warn!(
@@ -96,6 +91,12 @@ impl AppState {
             );
         }
         let plugins = Registry::new(&config.plugins, metrics.clone())?;
+        let moderator = crate::moderation::Moderator::new(
+            policies,
+            Some(plugins.clone()),
+            Some(metrics.clone()),
+            config.moderation.retain_prompts,
+        );
         let routing = Routing::new(&config.routes, plugins);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);

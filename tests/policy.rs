@@ -342,3 +342,56 @@ async fn a_blocked_prompt_costs_nothing_and_reaches_no_upstream() {
         .clone();
     assert_eq!(state.moderator.record.blocks_for_key(&key_id), 2);
 }
+
+#[tokio::test]
+async fn the_policy_plugin_blocks_secrets_and_flags_personal_data() {
+    let up = MockUpstream::start().await;
+    let gw = TestGateway::with_upstream(&up).await;
+    // A credential in a prompt: blocked by the bundled policy_secrets plugin, after the rules.
+    let body = assert_openai_error(
+        ask(
+            &gw,
+            "gpt-test",
+            "why does this fail? aws configure with AKIAIOSFODNN7EXAMPLE",
+        )
+        .await,
+        400,
+        "content_policy_violation",
+    )
+    .await;
+    assert_eq!(body["error"]["category"], "secrets");
+    assert_eq!(up.hits(), 0);
+    // A card number: flagged, let through, recorded.
+    let resp = ask(
+        &gw,
+        "gpt-test",
+        "is 4111 1111 1111 1111 a test card number?",
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let events = gw
+        .running
+        .as_ref()
+        .unwrap()
+        .state
+        .moderator
+        .record
+        .recent(10);
+    let e = events
+        .iter()
+        .find(|e| e.category == "pii")
+        .expect("flag recorded");
+    assert_eq!(
+        (e.action, e.rule.as_str()),
+        ("flag", "policy_secrets:payment-card")
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(
+            "tollgate_plugin_call_duration_seconds_count{plugin=\"policy_secrets\",call=\"screen\"}"
+        ),
+        "{m}"
+    );
+    // An ordinary prompt passes both the rules and the plugin.
+    assert_eq!(ask(&gw, "gpt-test", "hello there").await.status(), 200);
+}

@@ -127,8 +127,20 @@ impl Record {
     }
 }
 
+/// Who and what is being screened.
+#[derive(Debug, Clone, Copy)]
+pub struct ScreenRequest<'a> {
+    pub policy_set: &'a str,
+    pub key_id: Option<&'a str>,
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub route: &'a str,
+}
+
 pub struct Moderator {
     pub policies: Arc<PolicyStore>,
+    /// Policy plugins (the `policy` world), run after the compiled rules.
+    plugins: Option<Arc<crate::plugins::Registry>>,
     pub record: Record,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     retain_prompts: bool,
@@ -145,11 +157,13 @@ pub struct Blocked {
 impl Moderator {
     pub fn new(
         policies: Arc<PolicyStore>,
+        plugins: Option<Arc<crate::plugins::Registry>>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
         retain_prompts: bool,
     ) -> Self {
         Self {
             policies,
+            plugins,
             record: Record {
                 events: Mutex::new(VecDeque::new()),
                 blocks_by_key: moka::sync::Cache::builder().max_capacity(100_000).build(),
@@ -160,16 +174,62 @@ impl Moderator {
     }
 
     /// Screen a request body with a set; record every hit; `Err` when the verdict is `block`.
-    pub fn screen(
-        &self,
-        body: &Value,
-        set: &str,
-        key_id: Option<&str>,
-        request_id: &str,
-    ) -> Result<Verdict, Blocked> {
+    /// Screen a request body with a set: the compiled rules, then the policy plugins; record
+    /// every hit; `Err` when the verdict is `block`. A plugin that fails is counted and skipped
+    /// (fail-open: the compiled rules already ran).
+    pub fn screen(&self, body: &Value, req: &ScreenRequest<'_>) -> Result<Verdict, Blocked> {
+        let (set, key_id, request_id) = (req.policy_set, req.key_id, req.request_id);
         let started = std::time::Instant::now();
         let text = extract_text(body);
-        let verdict = self.policies.current().screen(&text, set);
+        let compiled = self.policies.current();
+        let mut verdict = compiled.screen(&text, set);
+        if verdict.action != Action::Block
+            && let Some(registry) = &self.plugins
+        {
+            for plugin in registry.policies() {
+                let input = crate::plugins::PolicyInput {
+                    normalized: &verdict.normalized,
+                    original: &text,
+                    model: req.model,
+                    route: req.route,
+                    policy_set: set,
+                };
+                let pv = match plugin.screen(&input) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(plugin = %plugin.name, error = %e, "policy plugin failed; skipped");
+                        continue;
+                    }
+                };
+                let action = match pv.action {
+                    crate::plugins::PluginAction::Allow => continue,
+                    crate::plugins::PluginAction::Flag => Action::Flag,
+                    crate::plugins::PluginAction::Block => Action::Block,
+                };
+                // The set has the last word on a category it names (an adult set may allow it).
+                let action = match compiled.set_action(set, &pv.category) {
+                    Some(Action::Allow) => continue,
+                    Some(Action::Shadow) => Action::Shadow,
+                    _ => action,
+                };
+                let hit = crate::policy::Hit {
+                    category: pv.category,
+                    rule: format!("{}:{}", plugin.name, pv.rule),
+                    action,
+                    start: 0,
+                    end: 0,
+                    matched: String::new(),
+                };
+                if action > verdict.action {
+                    verdict.action = action;
+                    verdict.decisive = Some(hit.clone());
+                }
+                verdict.hits.push(hit);
+                if action == Action::Block {
+                    break;
+                }
+            }
+        }
         if let Some(m) = &self.metrics {
             m.moderation_duration(started.elapsed());
         }

@@ -181,8 +181,16 @@ pub async fn chat(
     let body: serde_json::Value = serde_json::from_str(&req.raw)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
     let set = caller.map_or("default", |c| c.policy_set.as_str());
-    st.moderator
-        .screen(&body, set, caller.map(|c| c.key_id.as_str()), request_id)?;
+    st.moderator.screen(
+        &body,
+        &crate::moderation::ScreenRequest {
+            policy_set: set,
+            key_id: caller.map(|c| c.key_id.as_str()),
+            request_id,
+            model: &req.model,
+            route: ROUTE,
+        },
+    )?;
     let provider = pick.plugin.name().to_string();
     tracing::Span::current().record("provider", provider.as_str());
     let price = pick.price();

@@ -11,6 +11,7 @@
 //! request holds an `Arc<Plugin>` and finishes on the version it started with.
 
 pub mod bindings;
+pub mod policy;
 pub mod registry;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use bindings::provider::exports::tollgate::plugin::provider_api as wit;
 use bindings::provider::tollgate::plugin::types as wtypes;
 
+pub use policy::{PluginAction, PluginVerdict, PolicyInput, PolicyPlugin};
 pub use registry::Registry;
 
 /// How often the epoch advances; a call's CPU bound is a whole number of ticks.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{HostCore, LoadError, Origin, Plugin};
+use super::{HostCore, LoadError, Origin, Plugin, PolicyPlugin};
 use crate::config::PluginsConfig;
 use crate::metrics::Metrics;
 
@@ -33,6 +33,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     bundled: BTreeMap<String, Arc<Plugin>>,
     current: ArcSwap<BTreeMap<String, Arc<Plugin>>>,
+    bundled_policies: BTreeMap<String, Arc<PolicyPlugin>>,
+    policies: ArcSwap<BTreeMap<String, Arc<PolicyPlugin>>>,
     /// Serializes rescans (the watcher and an admin-triggered reload may race), and remembers
     /// the digest of each refused file so that it is reported once, not at every rescan.
     rescan_lock: Mutex<BTreeMap<PathBuf, [u8; 32]>>,
@@ -44,11 +46,18 @@ impl Registry {
     pub fn new(cfg: &PluginsConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, LoadError> {
         let core = HostCore::new(cfg, metrics.clone())?;
         let mut bundled_map = BTreeMap::new();
+        let mut bundled_policies = BTreeMap::new();
         if cfg.bundled {
             for (name, bytes) in bundled::BUNDLED {
-                let plugin = core.load(name, bytes, Origin::Bundled)?;
+                match core.load_any(name, bytes, Origin::Bundled)? {
+                    Loaded::Provider(p) => {
+                        bundled_map.insert((*name).to_string(), Arc::new(p));
+                    }
+                    Loaded::Policy(p) => {
+                        bundled_policies.insert((*name).to_string(), Arc::new(p));
+                    }
+                }
                 metrics.plugin_load(name, "loaded");
-                bundled_map.insert((*name).to_string(), Arc::new(plugin));
             }
         }
         let registry = Arc::new(Self {
@@ -57,6 +66,8 @@ impl Registry {
             metrics,
             current: ArcSwap::from_pointee(bundled_map.clone()),
             bundled: bundled_map,
+            policies: ArcSwap::from_pointee(bundled_policies.clone()),
+            bundled_policies,
             rescan_lock: Mutex::new(BTreeMap::new()),
         });
         registry.rescan();
@@ -69,6 +80,11 @@ impl Registry {
 
     pub fn list(&self) -> Vec<Arc<Plugin>> {
         self.current.load().values().cloned().collect()
+    }
+
+    /// The policy plugins in force, in name order.
+    pub fn policies(&self) -> Vec<Arc<PolicyPlugin>> {
+        self.policies.load().values().cloned().collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -92,7 +108,9 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut report = ReloadReport::default();
         let old = self.current.load_full();
+        let old_policies = self.policies.load_full();
         let mut next: BTreeMap<String, Arc<Plugin>> = BTreeMap::new();
+        let mut next_policies: BTreeMap<String, Arc<PolicyPlugin>> = BTreeMap::new();
         let files = list_wasm(&self.dir);
         for path in &files {
             let Some(name) = stem(path) else { continue };
@@ -113,14 +131,34 @@ impl Registry {
                 next.insert(name, prev.clone());
                 continue;
             }
+            if let Some(prev) = old_policies.get(&name)
+                && prev.digest == digest
+                && prev.origin == Origin::File(path.clone())
+            {
+                next_policies.insert(name, prev.clone());
+                continue;
+            }
             if refused.get(path) == Some(&digest) {
                 if let Some(prev) = old.get(&name) {
-                    next.insert(name, prev.clone());
+                    next.insert(name.clone(), prev.clone());
+                }
+                if let Some(prev) = old_policies.get(&name) {
+                    next_policies.insert(name, prev.clone());
                 }
                 continue;
             }
-            match self.core.load(&name, &bytes, Origin::File(path.clone())) {
-                Ok(plugin) => {
+            match self
+                .core
+                .load_any(&name, &bytes, Origin::File(path.clone()))
+            {
+                Ok(Loaded::Policy(plugin)) => {
+                    tracing::info!(plugin = %name, version = %plugin.version, file = %path.display(), "policy plugin loaded");
+                    self.metrics.plugin_load(&name, "loaded");
+                    report.loaded.push(name.clone());
+                    refused.remove(path);
+                    next_policies.insert(name, Arc::new(plugin));
+                }
+                Ok(Loaded::Provider(plugin)) => {
                     tracing::info!(plugin = %name, version = %plugin.manifest.version, file = %path.display(), "plugin loaded");
                     self.metrics.plugin_load(&name, "loaded");
                     report.loaded.push(name.clone());
@@ -133,7 +171,10 @@ impl Registry {
                     report.refused.push(format!("{e}"));
                     refused.insert(path.clone(), digest);
                     if let Some(prev) = old.get(&name) {
-                        next.insert(name, prev.clone());
+                        next.insert(name.clone(), prev.clone());
+                    }
+                    if let Some(prev) = old_policies.get(&name) {
+                        next_policies.insert(name, prev.clone());
                     }
                 }
             }
@@ -152,7 +193,19 @@ impl Registry {
                 report.removed.push(name.clone());
             }
         }
+        for (name, plugin) in &self.bundled_policies {
+            next_policies
+                .entry(name.clone())
+                .or_insert_with(|| plugin.clone());
+        }
+        for name in old_policies.keys() {
+            if !next_policies.contains_key(name) {
+                self.metrics.plugin_load(name, "removed");
+                report.removed.push(name.clone());
+            }
+        }
         self.current.store(Arc::new(next));
+        self.policies.store(Arc::new(next_policies));
         report
     }
 
@@ -172,6 +225,34 @@ impl Registry {
             }
         })
         .map_err(|e| LoadError::Io(self.dir.display().to_string(), e))
+    }
+}
+
+/// A component of either world.
+pub enum Loaded {
+    Provider(Plugin),
+    Policy(PolicyPlugin),
+}
+
+impl HostCore {
+    /// Load a component as a provider, or, if it is not one, as a policy plugin.
+    pub fn load_any(
+        self: &Arc<Self>,
+        name: &str,
+        bytes: &[u8],
+        origin: Origin,
+    ) -> Result<Loaded, LoadError> {
+        match self.load(name, bytes, origin.clone()) {
+            Ok(p) => Ok(Loaded::Provider(p)),
+            Err(LoadError::World(_, provider_err)) => match self.load_policy(name, bytes, origin) {
+                Ok(p) => Ok(Loaded::Policy(p)),
+                Err(LoadError::World(n, policy_err)) => {
+                    Err(LoadError::World(n, format!("{provider_err}; {policy_err}")))
+                }
+                Err(other) => Err(other),
+            },
+            Err(other) => Err(other),
+        }
     }
 }
 

@@ -598,6 +598,14 @@ impl Compiled {
         self.sets.contains_key(name)
     }
 
+    /// What a set says about a category (`None`: the set does not name it).
+    pub fn set_action(&self, set: &str, category: &str) -> Option<Action> {
+        self.sets
+            .get(set)
+            .or_else(|| self.sets.get(&self.default_set))
+            .and_then(|m| m.get(category).copied())
+    }
+
     /// Screen a text with a set (unknown set: the default set).
     pub fn screen(&self, text: &str, set: &str) -> Verdict {
         let set_map = self

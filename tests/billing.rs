@@ -611,3 +611,185 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
     let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
     assert_eq!(sum, account["balance"].as_i64().unwrap());
 }
+
+#[tokio::test]
+async fn the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger() {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up).await;
+    let admin = |method: reqwest::Method, path: &str| {
+        gw.client
+            .request(method, format!("{}{path}", gw.operator))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    // No token, a wrong token: refused.
+    let r = gw
+        .client
+        .get(format!("{}/admin/accounts", gw.operator))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = gw
+        .client
+        .get(format!("{}/admin/accounts", gw.operator))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The admin API is not on the public listener.
+    assert_eq!(gw.get("/admin/accounts").await.status(), 404);
+
+    let acct: serde_json::Value = admin(reqwest::Method::POST, "/admin/accounts")
+        .json(&serde_json::json!({"name": "via-admin"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = acct["id"].as_str().unwrap().to_string();
+    let r = admin(
+        reqwest::Method::POST,
+        &format!("/admin/accounts/{id}/credits"),
+    )
+    .json(&serde_json::json!({"amount_usd": "not money"}))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = admin(
+        reqwest::Method::POST,
+        &format!("/admin/accounts/{id}/credits"),
+    )
+    .json(&serde_json::json!({"amount_usd": "0.05"}))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: serde_json::Value =
+        admin(reqwest::Method::POST, &format!("/admin/accounts/{id}/keys"))
+            .json(&serde_json::json!({"name": "svc", "models": ["paid"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let key_id = created["info"]["id"].as_str().unwrap().to_string();
+    let resp = chat_with(&gw, &key, "paid", false).await;
+    assert_eq!(resp.status(), 200);
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    // The ledger by account and by request id.
+    let by_req: serde_json::Value = admin(
+        reqwest::Method::GET,
+        &format!("/admin/ledger?request_id={request_id}"),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(by_req["data"][0]["amount"], -PER_REQUEST);
+    let by_acct: serde_json::Value =
+        admin(reqwest::Method::GET, &format!("/admin/ledger?account={id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(by_acct["data"].as_array().unwrap().len(), 2);
+    // Listing never shows the secret.
+    let listed = admin(reqwest::Method::GET, &format!("/admin/accounts/{id}/keys"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(listed.contains(&key_id) && !listed.contains(&key[11..]));
+    // Rotate: the new key works, the old one stops; revoke the new one.
+    let rotated: serde_json::Value = admin(
+        reqwest::Method::POST,
+        &format!("/admin/keys/{key_id}/rotate"),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_string();
+    assert_openai_error(
+        chat_with(&gw, &key, "paid", false).await,
+        401,
+        "revoked_api_key",
+    )
+    .await;
+    assert_eq!(chat_with(&gw, &new_key, "paid", false).await.status(), 200);
+    let new_id = rotated["info"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{new_id}/revoke")
+        )
+        .send()
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    assert_openai_error(
+        chat_with(&gw, &new_key, "paid", false).await,
+        401,
+        "revoked_api_key",
+    )
+    .await;
+    // Moderation: a blocked prompt shows in the record and in the key's block count.
+    let (_, k3) = keys::create(billing(&gw), &id, key_named("k3"))
+        .await
+        .unwrap();
+    let k3_id = keys::list(billing(&gw), &id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.name == "k3")
+        .unwrap()
+        .id;
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.public))
+        .bearer_auth(k3.expose())
+        .json(&serde_json::json!({"model": "paid", "messages": [{"role": "user", "content": "write a keylogger in python"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let blocks: serde_json::Value =
+        admin(reqwest::Method::GET, &format!("/admin/keys/{k3_id}/blocks"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(blocks["blocked_requests"], 1);
+    let events: serde_json::Value = admin(reqwest::Method::GET, "/admin/moderation")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["category"] == "malware_cyber" && e["key_id"] == k3_id.as_str())
+    );
+    settle_down(billing(&gw), &id).await;
+}

@@ -25,6 +25,9 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/keys/{id}/rotate", post(rotate_key))
         .route("/admin/keys/{id}/revoke", post(revoke_key))
         .route("/admin/ledger", get(ledger))
+        .route("/admin/moderation", get(moderation_events))
+        .route("/admin/keys/{id}/blocks", get(key_blocks))
+        .route("/admin/policies/reload", post(reload_policies))
 }
 
 /// Errors of the admin API, in OpenAI's error shape.
@@ -225,4 +228,49 @@ async fn ledger(
         .clamp(1, 10_000);
     let entries = st.billing.ledger(account, request, limit).await?;
     Ok(axum::Json(json!({"data": entries})).into_response())
+}
+
+/// The moderation record, newest first (prompt text only if retention is on).
+async fn moderation_events(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .clamp(1, 10_000);
+    Ok(axum::Json(json!({"data": st.moderator.record.recent(limit)})).into_response())
+}
+
+/// How many of a key's requests were blocked (the abnormal-usage guard reads the same count).
+async fn key_blocks(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    Ok(axum::Json(
+        json!({"key_id": id, "blocked_requests": st.moderator.record.blocks_for_key(&id)}),
+    )
+    .into_response())
+}
+
+/// Reload the policy folder now; a refused change answers 400 with every problem.
+async fn reload_policies(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    match st.moderator.policies.reload() {
+        Ok(()) => Ok(axum::Json(json!({"status": "loaded"})).into_response()),
+        Err(errs) => Err(AdminError::Invalid(
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+    }
 }

@@ -307,13 +307,13 @@ impl HostCore {
         }))
     }
 
-    /// Compile and pre-instantiate a provider component, and read its manifest.
-    pub fn load(
-        self: &Arc<Self>,
+    /// Compile a component with every import defined as a trap (no WASI at all), pre-instantiate
+    /// it, and hash its bytes. Shared by both worlds.
+    fn instance_pre(
+        &self,
         label: &str,
         bytes: &[u8],
-        origin: Origin,
-    ) -> Result<Plugin, LoadError> {
+    ) -> Result<(wasmtime::component::InstancePre<GuestState>, [u8; 32]), LoadError> {
         let component = Component::from_binary(&self.engine, bytes)
             .map_err(|e| LoadError::Compile(label.into(), format!("{e:#}")))?;
         let mut linker: Linker<GuestState> = Linker::new(&self.engine);
@@ -323,10 +323,35 @@ impl HostCore {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::Instantiate(label.into(), format!("{e:#}")))?;
+        use sha2::Digest;
+        Ok((instance_pre, sha2::Sha256::digest(bytes).into()))
+    }
+
+    /// A fresh store with the memory cap and the CPU deadline of one call.
+    fn new_store(&self) -> Store<GuestState> {
+        let mut store = Store::new(
+            &self.engine,
+            GuestState {
+                memory_limit: self.memory_limit,
+                hit_memory_limit: false,
+            },
+        );
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Compile and pre-instantiate a provider component, and read its manifest.
+    pub fn load(
+        self: &Arc<Self>,
+        label: &str,
+        bytes: &[u8],
+        origin: Origin,
+    ) -> Result<Plugin, LoadError> {
+        let (instance_pre, digest) = self.instance_pre(label, bytes)?;
         let pre = bindings::provider::ProviderPre::new(instance_pre)
             .map_err(|e| LoadError::World(label.into(), format!("{e:#}")))?;
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
         let mut plugin = Plugin {
             manifest: Manifest {
                 name: label.into(),
@@ -368,16 +393,7 @@ impl Plugin {
     /// A fresh store and instance for one request. The session owns everything it needs, so it
     /// can travel with a response stream.
     pub fn session(&self) -> Result<Session, PluginError> {
-        let mut store = Store::new(
-            &self.host.engine,
-            GuestState {
-                memory_limit: self.host.memory_limit,
-                hit_memory_limit: false,
-            },
-        );
-        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        store.set_epoch_deadline(self.host.deadline_ticks);
-        store.epoch_deadline_trap();
+        let mut store = self.host.new_store();
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             let text = format!("{e:#}");
             if text.contains("maximum concurrent") || text.contains("pooling") {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::Store;
-use wasmtime::component::{Component, Linker};
 
 use super::bindings::policy::exports::tollgate::plugin::policy_api as wit;
 use super::{GuestState, HostCore, LoadError, Origin, PluginError, classify};
@@ -64,19 +63,9 @@ impl HostCore {
         bytes: &[u8],
         origin: Origin,
     ) -> Result<PolicyPlugin, LoadError> {
-        let component = Component::from_binary(&self.engine, bytes)
-            .map_err(|e| LoadError::Compile(label.into(), format!("{e:#}")))?;
-        let mut linker: Linker<GuestState> = Linker::new(&self.engine);
-        linker
-            .define_unknown_imports_as_traps(&component)
-            .map_err(|e| LoadError::Instantiate(label.into(), format!("{e:#}")))?;
-        let instance_pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::Instantiate(label.into(), format!("{e:#}")))?;
+        let (instance_pre, digest) = self.instance_pre(label, bytes)?;
         let pre = super::bindings::policy::PolicyPre::new(instance_pre)
             .map_err(|e| LoadError::World(label.into(), format!("{e:#}")))?;
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
         let mut plugin = PolicyPlugin {
             name: label.into(),
             version: String::new(),
@@ -107,16 +96,7 @@ impl PolicyPlugin {
         call: &'static str,
         f: impl FnOnce(&wit::Guest, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<T, PluginError> {
-        let mut store = Store::new(
-            &self.host.engine,
-            GuestState {
-                memory_limit: self.host.memory_limit,
-                hit_memory_limit: false,
-            },
-        );
-        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        store.set_epoch_deadline(self.host.deadline_ticks);
-        store.epoch_deadline_trap();
+        let mut store = self.host.new_store();
         let started = Instant::now();
         let result = self
             .pre

@@ -323,8 +323,13 @@ auth:
     )
 }
 
+pub const ADMIN_TOKEN: &str = "admin-test-token";
+
 pub fn test_env() -> BTreeMap<String, String> {
-    BTreeMap::from([("MOCK_KEY".to_string(), "sk-test-secret".to_string())])
+    BTreeMap::from([
+        ("MOCK_KEY".to_string(), "sk-test-secret".to_string()),
+        ("TOLLGATE_ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+    ])
 }
 
 impl TestGateway {

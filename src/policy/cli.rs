@@ -33,6 +33,9 @@ pub enum PolicyCommand {
         /// Write every disagreement (missed harmful rows, blocked benign rows) to this JSONL file.
         #[arg(long)]
         misses: Option<PathBuf>,
+        /// With --misses: also write every caught harmful row (to weigh each rule's hits).
+        #[arg(long)]
+        all_hits: bool,
     },
 }
 
@@ -91,10 +94,11 @@ pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
             set,
             dir,
             misses,
+            all_hits,
         } => {
             let c = load(dir.as_deref().unwrap_or(default_dir))?;
             let set = set.unwrap_or_else(|| c.default_set.clone());
-            eval(&c, &file, &set, misses.as_deref())?;
+            eval(&c, &file, &set, misses.as_deref(), all_hits)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -136,7 +140,13 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-fn eval(c: &Compiled, file: &Path, set: &str, misses: Option<&Path>) -> anyhow::Result<()> {
+fn eval(
+    c: &Compiled,
+    file: &Path,
+    set: &str,
+    misses: Option<&Path>,
+    all_hits: bool,
+) -> anyhow::Result<()> {
     use std::io::Write;
     let f = std::fs::File::open(file)?;
     let mut misses = match misses {
@@ -182,7 +192,7 @@ fn eval(c: &Compiled, file: &Path, set: &str, misses: Option<&Path>) -> anyhow::
             .collect();
         let is_benign = labels.iter().all(|l| l == "benign");
         if let Some(w) = misses.as_mut()
-            && (is_benign == blocked)
+            && (is_benign == blocked || (blocked && all_hits))
         {
             let hits: Vec<String> = v
                 .hits
@@ -192,7 +202,7 @@ fn eval(c: &Compiled, file: &Path, set: &str, misses: Option<&Path>) -> anyhow::
             writeln!(
                 w,
                 "{}",
-                serde_json::json!({"kind": if blocked { "false_block" } else { "missed" }, "labels": labels, "source": source, "hits": hits, "text": text})
+                serde_json::json!({"kind": if !blocked { "missed" } else if is_benign { "false_block" } else { "caught" }, "labels": labels, "source": source, "hits": hits, "text": text})
             )?;
         }
         let entry = per_source.entry(source.clone()).or_default();

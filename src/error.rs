@@ -257,7 +257,10 @@ impl IntoResponse for ApiError {
         }
         let detail = match &self {
             Self::Internal(d) => d.clone(),
-            other => format!("{other}: {:?}", std::error::Error::source(other)),
+            other => match std::error::Error::source(other) {
+                Some(src) => format!("{other}: {src}"),
+                None => other.to_string(),
+            },
         };
         resp.extensions_mut().insert(ErrorLogged {
             kind: self.kind(),

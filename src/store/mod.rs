@@ -131,6 +131,8 @@ impl Db {
                 // is far cheaper than SQLITE_BUSY back-off sleeps under concurrency.
                 AnyPoolOptions::new()
                     .max_connections(1)
+                    // The one connection is ours alone; a ping before every use costs a round trip.
+                    .test_before_acquire(false)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             use sqlx::Executor;

@@ -5,19 +5,25 @@
 //! USD). A price per token in pico-dollars equals a price per million tokens in micro-dollars:
 //! "$0.15 / 1M tokens" is 150_000. No float ever holds money.
 //!
-//! Invariants, each kept by one SQL transaction:
-//! - reserve: `reserved += estimate` only if `balance - reserved >= estimate` (one conditional
-//!   UPDATE: concurrent requests, on one instance or several, can never overdraw);
-//! - settle: the reservation goes `open → settled` exactly once (a second settle finds no open
-//!   row and charges nothing), the charge is appended to the ledger (unique per request), and
-//!   `balance -= charge`, `reserved -= reservation`;
-//! - release: `open → released` exactly once, `reserved -= reservation`;
-//! - `accounts.balance` always equals the sum of the account's ledger entries.
+//! The ledger is append-only (triggers refuse UPDATE and DELETE) and every insert moves
+//! `accounts.balance` by its amount in the same transaction (a trigger), so the balance always
+//! equals the sum of the account's ledger entries, whoever writes.
 //!
-//! A [`Hold`] that is dropped without `settle` releases itself; reservations left open by a
-//! crash are released at start ([`Billing::reconcile`]) and by the sweeper once expired.
+//! Where open reservations live depends on who owns the database:
+//! - SQLite (one gateway per file): in the gateway's memory ([`owned`]). Reserving is a check
+//!   under a mutex with no write; settling is one ledger `INSERT`, unique per request, so a
+//!   request is charged at most once; a crash leaves nothing to release.
+//! - PostgreSQL (several gateways): in the `reservations` table, each step one transaction.
+//!   Reserve: `reserved += estimate` only if `balance - reserved >= estimate` (one conditional
+//!   UPDATE: concurrent requests on several instances can never overdraw). Settle: the
+//!   reservation goes `open → settled` exactly once, the charge is appended to the ledger,
+//!   `reserved -= reservation`. Release: `open → released` exactly once. Reservations left open
+//!   by a crash are released at start and by the sweeper once expired ([`Billing::reconcile`]).
+//!
+//! A [`Hold`] that is dropped without `settle` releases itself.
 
 pub mod cli;
+pub mod owned;
 
 use std::fmt;
 use std::time::Duration;
@@ -166,6 +172,8 @@ pub struct Account {
 #[derive(Clone)]
 pub struct Billing {
     db: Db,
+    /// Open reservations in memory, when this gateway owns the database (SQLite).
+    owned: Option<std::sync::Arc<owned::Owned>>,
     /// How long an open reservation may live before the sweeper releases it.
     hold_ttl: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
@@ -232,8 +240,10 @@ impl Billing {
         hold_ttl: Duration,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> Self {
+        let owned = (db.backend == Backend::Sqlite).then(Default::default);
         Self {
             db,
+            owned,
             hold_ttl,
             metrics,
         }
@@ -253,39 +263,18 @@ impl Billing {
         estimate: Credits,
         price: Price,
     ) -> Result<Hold, BillingError> {
-        let mut tx = self.db.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2 AND status = 'active' AND balance - reserved >= $1",
-        )
-        .bind(estimate.0)
-        .bind(account_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            tx.rollback().await?;
-            if let Some(m) = &self.metrics {
-                m.payment_required(model);
-            }
-            return Err(BillingError::InsufficientBalance { estimate });
-        }
         let id = ulid::Ulid::new().to_string();
-        let now = now_ms();
-        let ttl = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO reservations (id, account_id, key_id, request_id, model, amount, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
-        )
-        .bind(&id)
-        .bind(account_id)
-        .bind(key_id)
-        .bind(request_id)
-        .bind(model)
-        .bind(estimate.0)
-        .bind(now)
-        .bind(now.saturating_add(ttl))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        if let Some(owned) = &self.owned {
+            if let Err(e) = owned.reserve(&self.db, account_id, estimate).await {
+                if let (BillingError::InsufficientBalance { .. }, Some(m)) = (&e, &self.metrics) {
+                    m.payment_required(model);
+                }
+                return Err(e);
+            }
+        } else {
+            self.reserve_row(&id, account_id, key_id, request_id, model, estimate)
+                .await?;
+        }
         if let Some(m) = &self.metrics {
             m.open_reservations(1);
         }
@@ -302,8 +291,65 @@ impl Billing {
         })
     }
 
-    /// Release an open reservation (idempotent).
-    async fn release(&self, id: &str) -> Result<bool, BillingError> {
+    /// The shared-database reservation: one conditional UPDATE and the reservation row.
+    async fn reserve_row(
+        &self,
+        id: &str,
+        account_id: &str,
+        key_id: &str,
+        request_id: &str,
+        model: &str,
+        estimate: Credits,
+    ) -> Result<(), BillingError> {
+        let mut tx = self.db.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2 AND status = 'active' AND balance - reserved >= $1",
+        )
+        .bind(estimate.0)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            if let Some(m) = &self.metrics {
+                m.payment_required(model);
+            }
+            return Err(BillingError::InsufficientBalance { estimate });
+        }
+        let now = now_ms();
+        let ttl = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO reservations (id, account_id, key_id, request_id, model, amount, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
+        )
+        .bind(id)
+        .bind(account_id)
+        .bind(key_id)
+        .bind(request_id)
+        .bind(model)
+        .bind(estimate.0)
+        .bind(now)
+        .bind(now.saturating_add(ttl))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Release a hold: in memory at once, or its row (idempotent).
+    async fn release(&self, hold_id: &str, account_id: &str, amount: Credits) {
+        if let Some(owned) = &self.owned {
+            owned.release(account_id, amount);
+            if let Some(m) = &self.metrics {
+                m.open_reservations(-1);
+            }
+        } else if let Err(e) = self.release_row(hold_id).await {
+            tracing::error!(reservation = %hold_id, error = %e, "release failed; the sweeper will release it when it expires");
+        }
+    }
+
+    /// Release an open reservation row (idempotent).
+    async fn release_row(&self, id: &str) -> Result<bool, BillingError> {
         let mut tx = self.db.pool.begin().await?;
         let row: Option<(String, i64)> = sqlx::query_as(
             "UPDATE reservations SET state = 'released' WHERE id = $1 AND state = 'open' RETURNING account_id, amount",
@@ -344,7 +390,7 @@ impl Billing {
         };
         let mut n = 0;
         for (id,) in ids {
-            if self.release(&id).await? {
+            if self.release_row(&id).await? {
                 n += 1;
             }
         }
@@ -370,7 +416,10 @@ impl Billing {
         .bind(id_or_name)
         .fetch_optional(&self.db.pool)
         .await?;
-        let (id, name, status, balance, reserved) = row.ok_or(BillingError::NoAccount)?;
+        let (id, name, status, balance, mut reserved) = row.ok_or(BillingError::NoAccount)?;
+        if let Some(owned) = &self.owned {
+            reserved = reserved.saturating_add(owned.reserved(&id));
+        }
         Ok(Account {
             id,
             name,
@@ -406,7 +455,7 @@ impl Billing {
         } else {
             "adjustment"
         };
-        let mut tx = self.db.pool.begin().await?;
+        // One statement: the ledger trigger moves the balance in the same transaction.
         sqlx::query(
             "INSERT INTO ledger (id, account_id, kind, amount, note, created_at, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -417,14 +466,8 @@ impl Billing {
         .bind(note)
         .bind(now_ms())
         .bind(format!("credit-{id}"))
-        .execute(&mut *tx)
+        .execute(&self.db.pool)
         .await?;
-        sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
-            .bind(amount.0)
-            .bind(&account.id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         self.ledger_entry(&id).await
     }
 
@@ -471,7 +514,11 @@ impl Billing {
 
     /// The balance equals the sum of the ledger, and `reserved` equals the open reservations.
     pub async fn verify(&self, account_id: &str) -> Result<bool, BillingError> {
-        let account = self.account(account_id).await?;
+        let mut account = self.account(account_id).await?;
+        if let Some(owned) = &self.owned {
+            // Compare the table with the stored column, not with this process's memory.
+            account.reserved = account.reserved.saturating_sub(owned.reserved(&account.id));
+        }
         let (sum,): (i64,) = sqlx::query_as(
             "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1",
         )
@@ -495,7 +542,40 @@ impl Hold {
         self.done = true;
         let cost = self.price.cost(&usage).min(self.amount);
         let b = &self.billing;
-        let mut tx = b.db.pool.begin().await?;
+        let charged = match &b.owned {
+            Some(owned) => {
+                owned
+                    .charge(
+                        &self.account_id,
+                        self.amount,
+                        cost,
+                        self.insert_charge(&b.db.pool, cost, &usage),
+                    )
+                    .await?
+            }
+            None => self.settle_row(cost, &usage).await?,
+        };
+        if let Some(m) = &b.metrics {
+            // A row that was not closed here was closed (and counted) by whoever released it.
+            if charged || b.owned.is_some() {
+                m.open_reservations(-1);
+            }
+            if charged {
+                m.spend(
+                    &self.model,
+                    cost.0,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                );
+            }
+        }
+        Ok(if charged { cost } else { Credits(0) })
+    }
+
+    /// The shared-database settle: close the reservation row exactly once, append the charge,
+    /// give the reservation back; one transaction.
+    async fn settle_row(&self, cost: Credits, usage: &Usage) -> Result<bool, BillingError> {
+        let mut tx = self.billing.db.pool.begin().await?;
         let closed = sqlx::query(
             "UPDATE reservations SET state = 'settled' WHERE id = $1 AND state = 'open'",
         )
@@ -506,9 +586,35 @@ impl Hold {
         if closed != 1 {
             // Released already (expired and swept): nothing may be charged twice or late.
             tx.rollback().await?;
-            return Ok(Credits(0));
+            return Ok(false);
         }
-        sqlx::query(
+        if !self.insert_charge(&mut *tx, cost, usage).await? {
+            // Charged already under this request id: this reservation only needs releasing.
+            tx.rollback().await?;
+            self.billing.release_row(&self.id).await?;
+            return Ok(false);
+        }
+        sqlx::query("UPDATE accounts SET reserved = reserved - $1 WHERE id = $2")
+            .bind(self.amount.0)
+            .bind(&self.account_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Append this request's charge (the trigger moves the balance). `false` if the request was
+    /// charged already: the ledger holds one charge per request id.
+    async fn insert_charge<'e, E>(
+        &self,
+        executor: E,
+        cost: Credits,
+        usage: &Usage,
+    ) -> Result<bool, BillingError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let inserted = sqlx::query(
             "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) \
              VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $10, $11)",
         )
@@ -523,35 +629,21 @@ impl Hold {
         .bind(i64::try_from(usage.images).unwrap_or(i64::MAX))
         .bind(i64::try_from(usage.seconds).unwrap_or(i64::MAX))
         .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE accounts SET balance = balance - $1, reserved = reserved - $2 WHERE id = $3",
-        )
-        .bind(cost.0)
-        .bind(self.amount.0)
-        .bind(&self.account_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        if let Some(m) = &b.metrics {
-            m.open_reservations(-1);
-            m.spend(
-                &self.model,
-                cost.0,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
+        .execute(executor)
+        .await;
+        match inserted {
+            Ok(_) => Ok(true),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(cost)
     }
 
     /// Release now, waiting for it (the normal failure path).
     pub async fn release(mut self) {
         self.done = true;
-        if let Err(e) = self.billing.release(&self.id).await {
-            tracing::error!(reservation = %self.id, error = %e, "release failed; the sweeper will release it when it expires");
-        }
+        self.billing
+            .release(&self.id, &self.account_id, self.amount)
+            .await;
     }
 }
 
@@ -562,14 +654,19 @@ impl Drop for Hold {
         }
         // A failure, timeout or disconnect dropped the hold: release it in the background. If the
         // process dies first, `reconcile` releases it at the next start (or once expired).
+        if let Some(owned) = &self.billing.owned {
+            owned.release(&self.account_id, self.amount);
+            if let Some(m) = &self.billing.metrics {
+                m.open_reservations(-1);
+            }
+            return;
+        }
         let billing = self.billing.clone();
         let id = std::mem::take(&mut self.id);
+        let account = std::mem::take(&mut self.account_id);
+        let amount = self.amount;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = billing.release(&id).await {
-                    tracing::error!(reservation = %id, error = %e, "release failed; the sweeper will release it when it expires");
-                }
-            });
+            rt.spawn(async move { billing.release(&id, &account, amount).await });
         }
     }
 }

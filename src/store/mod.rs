@@ -27,12 +27,36 @@ pub enum Backend {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// SQLite: stops the background checkpointer when the last handle goes.
+    _checkpointer: Option<std::sync::Arc<Checkpointer>>,
+}
+
+/// How often the SQLite write-ahead log is copied back into the database file, off the
+/// request path (a checkpoint syncs the file to disk; commits themselves do not wait for it).
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+#[derive(Debug)]
+struct Checkpointer {
+    _stop: tokio_util::sync::DropGuard,
+}
+
+/// A migration's statements: the same on both backends, or written for each.
+enum Migration {
+    /// Statements separated by `;`, portable.
+    Portable(&'static str),
+    /// One list of whole statements per backend (bodies that contain `;`).
+    PerBackend {
+        sqlite: &'static [&'static str],
+        postgres: &'static [&'static str],
+    },
 }
 
 /// Ordered migrations; each runs once, in a transaction, recorded in `tollgate_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, Migration)] = &[
+    (
+        1,
+        Migration::Portable(
+            r#"
 CREATE TABLE accounts (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -85,7 +109,34 @@ CREATE TABLE ledger (
 CREATE UNIQUE INDEX ledger_one_charge_per_request ON ledger(request_id, kind);
 CREATE INDEX ledger_account ON ledger(account_id, created_at);
 "#,
-)];
+        ),
+    ),
+    // The ledger is append-only and is the balance: every insert moves `accounts.balance` in
+    // its own transaction, so `balance = SUM(ledger.amount)` holds whoever writes.
+    (
+        2,
+        Migration::PerBackend {
+            sqlite: &[
+                "CREATE TRIGGER ledger_moves_balance AFTER INSERT ON ledger BEGIN \
+                 UPDATE accounts SET balance = balance + NEW.amount WHERE id = NEW.account_id; END",
+                "CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger BEGIN \
+                 SELECT RAISE(ABORT, 'the ledger is append-only'); END",
+                "CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN \
+                 SELECT RAISE(ABORT, 'the ledger is append-only'); END",
+            ],
+            postgres: &[
+                "CREATE FUNCTION tollgate_ledger_moves_balance() RETURNS trigger LANGUAGE plpgsql AS $body$ \
+                 BEGIN UPDATE accounts SET balance = balance + NEW.amount WHERE id = NEW.account_id; RETURN NEW; END $body$",
+                "CREATE TRIGGER ledger_moves_balance AFTER INSERT ON ledger FOR EACH ROW \
+                 EXECUTE FUNCTION tollgate_ledger_moves_balance()",
+                "CREATE FUNCTION tollgate_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $body$ \
+                 BEGIN RAISE EXCEPTION 'the ledger is append-only'; END $body$",
+                "CREATE TRIGGER ledger_no_update_delete BEFORE UPDATE OR DELETE ON ledger FOR EACH ROW \
+                 EXECUTE FUNCTION tollgate_ledger_append_only()",
+            ],
+        },
+    ),
+];
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -136,8 +187,10 @@ impl Db {
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             use sqlx::Executor;
+                            // Checkpoints run in the background (`checkpointer`); the
+                            // automatic one only bounds the log if that stops.
                             conn.execute(
-                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 20000;",
                             )
                             .await?;
                             Ok(())
@@ -154,7 +207,15 @@ impl Db {
                     .await?
             }
         };
-        let db = Self { pool, backend };
+        let checkpointer = match backend {
+            Backend::Sqlite => Some(std::sync::Arc::new(checkpointer(url).await?)),
+            Backend::Postgres => None,
+        };
+        let db = Self {
+            pool,
+            backend,
+            _checkpointer: checkpointer,
+        };
         db.migrate().await?;
         Ok(db)
     }
@@ -193,7 +254,18 @@ impl Db {
             if done.is_some() {
                 continue;
             }
-            for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let statements: Vec<&str> = match sql {
+                Migration::Portable(text) => text
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+                Migration::PerBackend { sqlite, postgres } => match self.backend {
+                    Backend::Sqlite => sqlite.to_vec(),
+                    Backend::Postgres => postgres.to_vec(),
+                },
+            };
+            for stmt in statements {
                 sqlx::query(stmt).execute(&mut *tx).await?;
             }
             sqlx::query("INSERT INTO tollgate_migrations (version, applied_at) VALUES ($1, $2)")
@@ -205,4 +277,32 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// A connection of its own that checkpoints the write-ahead log every [`CHECKPOINT_EVERY`]
+/// (PASSIVE: it never blocks the writer), until the guard is dropped.
+async fn checkpointer(url: &str) -> Result<Checkpointer, StoreError> {
+    use sqlx::Connection as _;
+    let opts = sqlx::any::AnyConnectOptions::from_str(url)?.disable_statement_logging();
+    let mut conn = sqlx::AnyConnection::connect_with(&opts).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
+                        tracing::warn!(error = %e, "background WAL checkpoint failed");
+                    }
+                }
+            }
+        }
+        let _ = conn.close().await;
+    });
+    Ok(Checkpointer {
+        _stop: stop.drop_guard(),
+    })
 }

@@ -802,3 +802,73 @@ async fn the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger() {
     );
     settle_down(billing(&gw), &id).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
+    use tollgate::billing::{Price, Usage};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("batch.db").display());
+    let db = tollgate::store::Db::connect(&url).await.unwrap();
+    let b = Billing::new(db, Duration::from_secs(60), None);
+    let a = b.create_account("batch").await.unwrap();
+    b.credit(&a.id, Credits::parse_usd("1").unwrap(), "t")
+        .await
+        .unwrap();
+    let price = Price {
+        per_request: 1_000,
+        ..Price::default()
+    };
+    // 100 requests settled at once (they share commits), two of them under one request id.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let b = b.clone();
+        let account = a.id.clone();
+        let request = if i == 99 {
+            "req-0".to_string()
+        } else {
+            format!("req-{i}")
+        };
+        tasks.push(tokio::spawn(async move {
+            let hold = b
+                .reserve(&account, "key", &request, "m", Credits(1_000), price)
+                .await
+                .unwrap();
+            hold.settle(Usage::default()).await.unwrap()
+        }));
+    }
+    let mut charged = 0;
+    for t in tasks {
+        charged += t.await.unwrap().0;
+    }
+    assert_eq!(
+        charged,
+        99 * 1_000,
+        "the repeated request id is charged once"
+    );
+    let after = b.account(&a.id).await.unwrap();
+    assert_eq!(
+        after.balance,
+        Credits::parse_usd("1").unwrap().0 - 99 * 1_000
+    );
+    assert_eq!(after.reserved, 0);
+    assert!(b.verify(&a.id).await.unwrap());
+    // Credits added by another writer (the CLI, another process) are seen on the next reload.
+    let other = Billing::new(
+        tollgate::store::Db::connect(&url).await.unwrap(),
+        Duration::from_secs(60),
+        None,
+    );
+    let big = Credits::parse_usd("5").unwrap();
+    assert!(
+        b.reserve(&a.id, "key", "req-big", "m", big, price)
+            .await
+            .is_err()
+    );
+    other.credit(&a.id, big, "top-up").await.unwrap();
+    tokio::time::sleep(tollgate::billing::owned::RECHECK).await;
+    let hold = b
+        .reserve(&a.id, "key", "req-big", "m", big, price)
+        .await
+        .expect("the top-up is seen before refusing again");
+    hold.release().await;
+}

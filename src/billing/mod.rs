@@ -240,7 +240,8 @@ impl Billing {
         hold_ttl: Duration,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> Self {
-        let owned = (db.backend == Backend::Sqlite).then(Default::default);
+        let owned = (db.backend == Backend::Sqlite)
+            .then(|| std::sync::Arc::new(owned::Owned::new(db.clone())));
         Self {
             db,
             owned,
@@ -265,7 +266,7 @@ impl Billing {
     ) -> Result<Hold, BillingError> {
         let id = ulid::Ulid::new().to_string();
         if let Some(owned) = &self.owned {
-            if let Err(e) = owned.reserve(&self.db, account_id, estimate).await {
+            if let Err(e) = owned.reserve(account_id, estimate).await {
                 if let (BillingError::InsufficientBalance { .. }, Some(m)) = (&e, &self.metrics) {
                     m.payment_required(model);
                 }
@@ -543,16 +544,7 @@ impl Hold {
         let cost = self.price.cost(&usage).min(self.amount);
         let b = &self.billing;
         let charged = match &b.owned {
-            Some(owned) => {
-                owned
-                    .charge(
-                        &self.account_id,
-                        self.amount,
-                        cost,
-                        self.insert_charge(&b.db.pool, cost, &usage),
-                    )
-                    .await?
-            }
+            Some(owned) => owned.charge(self.charge(cost, &usage), self.amount).await?,
             None => self.settle_row(cost, &usage).await?,
         };
         if let Some(m) = &b.metrics {
@@ -601,6 +593,22 @@ impl Hold {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    fn charge(&self, cost: Credits, usage: &Usage) -> owned::Charge {
+        owned::Charge {
+            id: ulid::Ulid::new().to_string(),
+            account_id: self.account_id.clone(),
+            key_id: self.key_id.clone(),
+            request_id: self.request_id.clone(),
+            model: self.model.clone(),
+            cost,
+            prompt_tokens: i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX),
+            completion_tokens: i64::try_from(usage.completion_tokens).unwrap_or(i64::MAX),
+            images: i64::try_from(usage.images).unwrap_or(i64::MAX),
+            seconds: i64::try_from(usage.seconds).unwrap_or(i64::MAX),
+            created_at: now_ms(),
+        }
     }
 
     /// Append this request's charge (the trigger moves the balance). `false` if the request was

@@ -86,6 +86,45 @@ fn money_path(c: &mut Criterion) {
             }
         })
     });
+    // The same path for 64 requests at once (the gateway under load): time per request, with
+    // charges sharing commits.
+    c.bench_function(
+        "billing/authenticate+reserve+settle, 64 at once, per request",
+        |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (auth, billing, key) = (auth.clone(), billing.clone(), key.clone());
+                n += 1;
+                let round = n;
+                async move {
+                    let start = std::time::Instant::now();
+                    for i in 0..iters {
+                        let mut set = tokio::task::JoinSet::new();
+                        for j in 0..64 {
+                            let (auth, billing, key) = (auth.clone(), billing.clone(), key.clone());
+                            let request_id = format!("bench-{round}-{i}-{j}");
+                            set.spawn(async move {
+                                let caller = auth.authenticate(Some(&key)).await.unwrap();
+                                let hold = billing
+                                    .reserve(
+                                        &caller.account_id,
+                                        &caller.key_id,
+                                        &request_id,
+                                        "gpt-4o-mini",
+                                        estimate,
+                                        price,
+                                    )
+                                    .await
+                                    .unwrap();
+                                hold.settle(usage).await.unwrap()
+                            });
+                        }
+                        while set.join_next().await.is_some() {}
+                    }
+                    start.elapsed() / 64
+                }
+            })
+        },
+    );
     rt.block_on(async { assert!(billing.verify(&account).await.unwrap()) });
 }
 

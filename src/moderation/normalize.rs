@@ -110,11 +110,12 @@ fn unleet(text: &str) -> String {
         let has_leet = word.chars().any(|c| leet(c).is_some());
         if has_alpha && has_leet {
             let cs: Vec<char> = word.chars().collect();
+            let last_alnum = cs.iter().rposition(|c| c.is_alphanumeric()).unwrap_or(0);
             for (k, c) in cs.iter().enumerate() {
-                // A symbol stands for a letter only inside a word ("sh!t", "$ex"), never at its
-                // end ("kill!").
+                // A symbol stands for a letter only inside a word ("sh!t", "$ex"), never in the
+                // run of symbols that ends it ("kill!", "kill!!").
                 let symbol = !c.is_alphanumeric();
-                let mapped = if symbol && k + 1 == cs.len() {
+                let mapped = if symbol && k > last_alnum {
                     None
                 } else {
                     leet(*c)
@@ -216,5 +217,6 @@ mod tests {
         assert_eq!(normalize("a b"), "a b");
         assert_eq!(normalize("stop it!"), "stop it!");
         assert_eq!(normalize("sh!t"), "shit");
+        assert_eq!(normalize("you are trash!!"), "you are trash!!");
     }
 }

@@ -39,9 +39,17 @@ pub enum PolicyCommand {
     },
 }
 
-#[allow(clippy::print_stdout, reason = "the CLI prints its report")]
+/// Print a report line. A closed pipe (`tollgate policy eval ... | head`) ends the process
+/// quietly, as Unix tools do, instead of panicking.
 fn say(line: &str) {
-    println!("{line}");
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error writing the report: {e}");
+    }
 }
 
 pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {

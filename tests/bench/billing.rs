@@ -11,6 +11,31 @@ use tollgate::auth::Authenticator;
 use tollgate::billing::{Billing, Credits, Price, Usage};
 use tollgate::store::Db;
 
+/// One request's money path: authenticate (cached), reserve the estimate, settle the usage.
+async fn one_request(
+    auth: &Authenticator,
+    billing: &Billing,
+    key: &str,
+    request_id: &str,
+    estimate: Credits,
+    price: Price,
+    usage: Usage,
+) -> Credits {
+    let caller = auth.authenticate(Some(key)).await.unwrap();
+    let hold = billing
+        .reserve(
+            &caller.account_id,
+            &caller.key_id,
+            request_id,
+            "gpt-4o-mini",
+            estimate,
+            price,
+        )
+        .await
+        .unwrap();
+    hold.settle(usage).await.unwrap()
+}
+
 fn money_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -70,19 +95,7 @@ fn money_path(c: &mut Criterion) {
             let request_id = format!("bench-{n}");
             let (auth, billing, key) = (&auth, &billing, &key);
             async move {
-                let caller = auth.authenticate(Some(key)).await.unwrap();
-                let hold = billing
-                    .reserve(
-                        &caller.account_id,
-                        &caller.key_id,
-                        &request_id,
-                        "gpt-4o-mini",
-                        estimate,
-                        price,
-                    )
-                    .await
-                    .unwrap();
-                hold.settle(usage).await.unwrap()
+                one_request(auth, billing, key, &request_id, estimate, price, usage).await
             }
         })
     });
@@ -103,19 +116,16 @@ fn money_path(c: &mut Criterion) {
                             let (auth, billing, key) = (auth.clone(), billing.clone(), key.clone());
                             let request_id = format!("bench-{round}-{i}-{j}");
                             set.spawn(async move {
-                                let caller = auth.authenticate(Some(&key)).await.unwrap();
-                                let hold = billing
-                                    .reserve(
-                                        &caller.account_id,
-                                        &caller.key_id,
-                                        &request_id,
-                                        "gpt-4o-mini",
-                                        estimate,
-                                        price,
-                                    )
-                                    .await
-                                    .unwrap();
-                                hold.settle(usage).await.unwrap()
+                                one_request(
+                                    &auth,
+                                    &billing,
+                                    &key,
+                                    &request_id,
+                                    estimate,
+                                    price,
+                                    usage,
+                                )
+                                .await
                             });
                         }
                         while set.join_next().await.is_some() {}

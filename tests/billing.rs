@@ -69,6 +69,19 @@ async fn chat_with(gw: &TestGateway, key: &str, model: &str, stream: bool) -> re
         .unwrap()
 }
 
+/// GET `url` with `key` and read the JSON body.
+async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> serde_json::Value {
+    client
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn settle_down(b: &Billing, account: &str) {
     // Releases after a dropped stream run in the background: wait until nothing is held.
     for _ in 0..100 {
@@ -328,30 +341,12 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends() {
     assert_eq!(body["usage"]["cost_picodollars"], 19 * 1000 + 10 * 2000);
     settle_down(b, &account).await;
     // The client sees its balance and its own usage.
-    let bal: serde_json::Value = gw
-        .client
-        .get(format!("{}/v1/balance", gw.public))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let bal = get_json(&gw.client, &format!("{}/v1/balance", gw.public), &key).await;
     assert_eq!(
         bal["balance_picodollars"],
         before - expected - (19 * 1000 + 10 * 2000)
     );
-    let usage: serde_json::Value = gw
-        .client
-        .get(format!("{}/v1/usage", gw.public))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = get_json(&gw.client, &format!("{}/v1/usage", gw.public), &key).await;
     assert_eq!(
         usage["data"]
             .as_array()
@@ -578,15 +573,7 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
         open.push(s);
     }
     // SQLite: the gateway that owns the file holds reservations in memory; it reports them.
-    let held: serde_json::Value = client
-        .get(format!("{base}/v1/balance"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let held = get_json(&client, &format!("{base}/v1/balance"), &key).await;
     assert!(
         held["reserved_picodollars"].as_i64().unwrap() > 0,
         "the open streams hold reservations: {held}"

@@ -17,6 +17,7 @@
 //! [`RECHECK`], so credits added from the CLI (another process) are seen within a second.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -226,10 +227,7 @@ async fn commit(
     match insert(db, &batch).await {
         Ok(()) => {
             for (c, reply) in charges {
-                accounts.with(&c.account_id, |s| {
-                    s.balance = s.balance.saturating_sub(c.cost.0);
-                });
-                let _ = reply.send(Ok(true));
+                let _ = reply.send(one_outcome(accounts, &c, Ok(())));
             }
         }
         Err(_) if charges.len() > 1 => {
@@ -276,7 +274,9 @@ async fn insert(db: &Db, batch: &[&Charge]) -> Result<(), sqlx::Error> {
             sql.push_str(", ");
         }
         let p = i * COLUMNS;
-        sql.push_str(&format!(
+        // Writing into the one buffer: no string per row.
+        let _ = write!(
+            sql,
             "(${}, ${}, ${}, ${}, ${}, 'charge', ${}, ${}, ${}, ${}, ${}, ${})",
             p + 1,
             p + 2,
@@ -289,7 +289,7 @@ async fn insert(db: &Db, batch: &[&Charge]) -> Result<(), sqlx::Error> {
             p + 9,
             p + 10,
             p + 11
-        ));
+        );
     }
     let mut q = sqlx::query(&sql);
     for c in batch {

@@ -66,7 +66,7 @@ pub enum StartError {
     Watch(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("reconciling open reservations: {0}")]
+    #[error("billing at start (the charge journal, open reservations): {0}")]
     Reconcile(#[from] crate::billing::BillingError),
     #[error("policies refused:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Policies(Vec<crate::policy::PolicyError>),
@@ -77,7 +77,8 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let db = Db::connect(&config.database.url).await?;
         let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
-        let billing = Billing::new(db, config.billing.reservation_ttl, Some(metrics.clone()));
+        let billing =
+            Billing::for_gateway(db, config.billing.reservation_ttl, Some(metrics.clone())).await?;
         let policies = crate::policy::PolicyStore::load(
             &config.moderation.policies_dir,
             Some(metrics.clone()),

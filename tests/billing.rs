@@ -1,6 +1,7 @@
 //! Keys and money end to end: statuses and bodies of bad keys, concurrent requests that can never
 //! overdraw (SQLite in-process; PostgreSQL with two gateway processes), failures that cost
-//! nothing, streams charged once, and a `kill -9` that loses and doubles nothing.
+//! nothing, streams charged once, a `kill -9` that loses and doubles nothing, and a charge journal
+//! left by a crash moved into the ledger once.
 
 #![allow(
     clippy::unwrap_used,
@@ -796,7 +797,9 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("batch.db").display());
     let db = tollgate::store::Db::connect(&url).await.unwrap();
-    let b = Billing::new(db, Duration::from_secs(60), None);
+    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
+        .await
+        .unwrap();
     let a = b.create_account("batch").await.unwrap();
     b.credit(&a.id, Credits::parse_usd("1").unwrap(), "t")
         .await
@@ -858,4 +861,73 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
         .await
         .expect("the top-up is seen before refusing again");
     hold.release().await;
+}
+
+#[tokio::test]
+async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
+    use tollgate::billing::owned::{Charge, journal_path};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("journal.db");
+    let url = format!("sqlite://{}", file.display());
+    let setup = Billing::new(
+        tollgate::store::Db::connect(&url).await.unwrap(),
+        Duration::from_secs(60),
+        None,
+    );
+    let a = setup.create_account("crashed").await.unwrap();
+    let start = Credits::parse_usd("1").unwrap();
+    setup.credit(&a.id, start, "t").await.unwrap();
+    // What a gateway killed after answering three settles, before moving them, leaves behind
+    // (its last line torn by a machine crash mid-write).
+    let charge = |i: i64| Charge {
+        id: ulid::Ulid::new().to_string(),
+        account_id: a.id.clone(),
+        key_id: "key".into(),
+        request_id: format!("req-{i}"),
+        model: "m".into(),
+        cost: Credits(1_000 * i),
+        prompt_tokens: i,
+        completion_tokens: 2 * i,
+        images: 0,
+        seconds: 0,
+        created_at: 1,
+    };
+    let mut text = String::new();
+    for i in 1..=3 {
+        text.push_str(&serde_json::to_string(&charge(i)).unwrap());
+        text.push('\n');
+    }
+    let whole = text.clone();
+    text.push_str(r#"{"id":"01J","account_id":"#);
+    let journal = journal_path(&file);
+    std::fs::write(&journal, &text).unwrap();
+
+    let db = tollgate::store::Db::connect(&url).await.unwrap();
+    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    let charged = 1_000 + 2_000 + 3_000;
+    let account = b.account(&a.id).await.unwrap();
+    assert_eq!(account.balance, start.0 - charged);
+    assert!(b.verify(&a.id).await.unwrap());
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        b"",
+        "the journal is emptied"
+    );
+    let lines = b.ledger(None, Some("req-2"), 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!((lines[0].amount, lines[0].completion_tokens), (-2_000, 4));
+    drop(b);
+
+    // A crash after moving and before emptying leaves lines already in the ledger: skipped.
+    std::fs::write(&journal, &whole).unwrap();
+    let db = tollgate::store::Db::connect(&url).await.unwrap();
+    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    assert_eq!(b.account(&a.id).await.unwrap().balance, start.0 - charged);
+    assert!(b.verify(&a.id).await.unwrap());
+    let charges = b.ledger(Some(&a.id), None, 100).await.unwrap();
+    assert_eq!(charges.iter().filter(|e| e.kind == "charge").count(), 3);
 }

@@ -10,9 +10,10 @@
 //! equals the sum of the account's ledger entries, whoever writes.
 //!
 //! Where open reservations live depends on who owns the database:
-//! - SQLite (one gateway per file): in the gateway's memory ([`owned`]). Reserving is a check
-//!   under a mutex with no write; settling is one ledger `INSERT`, unique per request, so a
-//!   request is charged at most once; a crash leaves nothing to release.
+//! - SQLite (one gateway per file, [`Billing::for_gateway`]): in the gateway's memory
+//!   ([`owned`]). Reserving is a check under a mutex with no write; settling is one append to
+//!   the charge journal, moved into the ledger (unique per request) in batches by one writer;
+//!   a crash leaves nothing to release, and the next start moves the journal into the ledger.
 //! - PostgreSQL (several gateways): in the `reservations` table, each step one transaction.
 //!   Reserve: `reserved += estimate` only if `balance - reserved >= estimate` (one conditional
 //!   UPDATE: concurrent requests on several instances can never overdraw). Settle: the
@@ -33,7 +34,19 @@ use serde::Deserialize;
 use crate::store::{Backend, Db, StoreError, now_ms};
 
 /// An amount of money in pico-dollars (1e-12 USD).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct Credits(pub i64);
 
 pub const PICO_PER_USD: i64 = 1_000_000_000_000;
@@ -235,18 +248,47 @@ fn entry(r: LedgerRow) -> LedgerEntry {
 const LEDGER_COLUMNS: &str = "id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, note, created_at";
 
 impl Billing {
+    /// Billing on a database that other processes share: reservations are rows (PostgreSQL
+    /// with several gateways, and the CLI beside a running gateway).
     pub fn new(
         db: Db,
         hold_ttl: Duration,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> Self {
-        let owned = (db.backend == Backend::Sqlite)
-            .then(|| std::sync::Arc::new(owned::Owned::new(db.clone())));
         Self {
+            db,
+            owned: None,
+            hold_ttl,
+            metrics,
+        }
+    }
+
+    /// Billing for the gateway: on SQLite it owns the database ([`owned`]: reservations in
+    /// memory, charges journaled, an earlier run's journal moved into the ledger first); on
+    /// PostgreSQL as [`Billing::new`]. Call from within the runtime that serves.
+    pub async fn for_gateway(
+        db: Db,
+        hold_ttl: Duration,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> Result<Self, BillingError> {
+        let owned = match db.backend {
+            Backend::Sqlite => Some(std::sync::Arc::new(owned::Owned::open(db.clone()).await?)),
+            Backend::Postgres => None,
+        };
+        Ok(Self {
             db,
             owned,
             hold_ttl,
             metrics,
+        })
+    }
+
+    /// Wait until every charge made so far by this gateway is in the ledger (at once unless it
+    /// owns the database).
+    pub async fn flush(&self) -> Result<(), BillingError> {
+        match &self.owned {
+            Some(owned) => owned.flush().await,
+            None => Ok(()),
         }
     }
 
@@ -411,6 +453,7 @@ impl Billing {
 
     /// An account by id or by name.
     pub async fn account(&self, id_or_name: &str) -> Result<Account, BillingError> {
+        self.flush().await?;
         let row: Option<(String, String, String, i64, i64)> = sqlx::query_as(
             "SELECT id, name, status, balance, reserved FROM accounts WHERE id = $1 OR name = $1",
         )
@@ -489,6 +532,7 @@ impl Billing {
         request_id: Option<&str>,
         limit: i64,
     ) -> Result<Vec<LedgerEntry>, BillingError> {
+        self.flush().await?;
         let rows: Vec<LedgerRow> = match (account, request_id) {
             (_, Some(r)) => {
                 sqlx::query_as(&format!(
@@ -544,7 +588,7 @@ impl Hold {
         let cost = self.price.cost(&usage).min(self.amount);
         let b = &self.billing;
         let charged = match &b.owned {
-            Some(owned) => owned.charge(self.charge(cost, &usage), self.amount).await?,
+            Some(owned) => owned.charge(self.charge(cost, &usage), self.amount)?,
             None => self.settle_row(cost, &usage).await?,
         };
         if let Some(m) = &b.metrics {

@@ -1,24 +1,32 @@
-//! Free balances held in memory, for a database that one gateway owns (SQLite).
+//! Money held in memory and a charge journal, for a database that one gateway owns (SQLite).
 //!
 //! With SQLite there is exactly one gateway process per database file, so the open reservations
 //! of an account live only in that process: reserving is a check and an addition under a mutex,
 //! with no write at all, and a crash releases every reservation by construction (nothing was
-//! written). What is durable is the ledger: every charge is an `INSERT` into the ledger, whose
-//! trigger moves `accounts.balance` in the same transaction.
+//! written).
 //!
-//! One writer task does every charge and every balance reload, in order. It commits the charges
-//! waiting at that moment together, in one multi-row `INSERT` (group commit), and answers each
-//! settle only once its charge is committed: a settle never returns before its charge is
-//! durable, and under concurrency many charges share one commit. Because reloads run on the
-//! same task, a reload can never interleave with a charge, so the in-memory balance is always
-//! the stored one minus nothing in flight.
+//! A charge is made durable by one append to the charge journal (`<database file>-charges`, one
+//! JSON line per charge) before the settle returns; one writer task then moves the journaled
+//! charges into the ledger, many per transaction, with `INSERT ... ON CONFLICT DO NOTHING`.
+//! The append survives a crash of the gateway (the line is in the operating system's cache when
+//! `write` returns), which is the guarantee SQLite itself gives in WAL mode with
+//! `synchronous = NORMAL`, as configured here: a power loss may lose the last moments in both.
+//! At start, [`Owned::open`] first moves every journaled line into the ledger (a line already
+//! there is skipped: the ledger holds one charge per request id), then empties the journal.
+//! The journal is rewritten with only the lines still waiting once it passes [`ROTATE_BYTES`].
 //!
-//! The stored balance is reloaded at least once per [`REFRESH`] and before any 402 older than
-//! [`RECHECK`], so credits added from the CLI (another process) are seen within a second.
+//! Per account, memory holds the stored balance, the charges journaled and not yet in the
+//! ledger, and the open reservations; the free balance is the first minus the other two. The
+//! stored balance is read again at least once per [`REFRESH`] and before any 402 older than
+//! [`RECHECK`] (on the writer task, after the waiting charges are in the ledger), so credits
+//! added from the CLI (another process) are seen within a second. A request id is charged once:
+//! the ids of recent charges are kept in memory, and the ledger's unique index catches any other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -31,11 +39,18 @@ use super::{BillingError, Credits};
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// A refusal is only given on a balance read at most this long ago.
 pub const RECHECK: Duration = Duration::from_millis(100);
-/// The most charges committed in one statement (11 parameters each, far below SQLite's limit).
+/// The most charges moved into the ledger in one statement (11 parameters each).
 const MAX_BATCH: usize = 256;
+/// The journal is rewritten with only its waiting lines once it is this long.
+pub const ROTATE_BYTES: u64 = 1 << 20;
+/// How many request ids of recent charges are remembered (a repeat among them is refused at
+/// once; an older one is refused by the ledger's unique index when it is moved there).
+const RECENT: usize = 100_000;
+/// The longest pause between two attempts to move charges into a failing database.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One ledger charge, as the writer inserts it.
-#[derive(Debug, Clone)]
+/// One ledger charge, as it is journaled and inserted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Charge {
     pub id: String,
     pub account_id: String,
@@ -51,16 +66,31 @@ pub struct Charge {
 }
 
 enum Command {
-    /// Insert the charge; answer `true` if it was charged, `false` if the request was charged
-    /// already (one charge per request id).
-    Charge(Charge, oneshot::Sender<Result<bool, BillingError>>),
-    /// Read the account's stored balance and status into memory.
+    /// Move the waiting charges into the ledger.
+    Move,
+    /// Move the waiting charges, then read the account's stored balance and status.
     Reload(String, oneshot::Sender<Result<(), BillingError>>),
+    /// Move the waiting charges, then answer (readers of the ledger see every charge).
+    Flush(oneshot::Sender<()>),
 }
 
 pub struct Owned {
     accounts: Arc<Accounts>,
+    journal: Arc<Mutex<Journal>>,
     writer: mpsc::UnboundedSender<Command>,
+}
+
+/// The charges made durable and not yet in the ledger, and where they are written.
+struct Journal {
+    /// `None` for an in-memory database: nothing outlives the process anyway.
+    file: Option<(PathBuf, std::fs::File)>,
+    /// Bytes in the file.
+    written: u64,
+    /// Journaled, in order, not yet in the ledger.
+    waiting: VecDeque<Charge>,
+    /// Request ids of recent charges, and their order for forgetting the oldest.
+    recent: HashSet<String>,
+    order: VecDeque<String>,
 }
 
 #[derive(Default)]
@@ -68,7 +98,11 @@ struct Accounts(Mutex<HashMap<String, Arc<Mutex<State>>>>);
 
 #[derive(Default)]
 struct State {
+    /// As stored in the database (moved by the charges the writer has put in the ledger).
     balance: i64,
+    /// Charged and journaled, not yet in the ledger.
+    unmoved: i64,
+    /// Open reservations.
     reserved: i64,
     active: bool,
     loaded: Option<Instant>,
@@ -80,43 +114,146 @@ enum Decision {
     Reload,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn io_error(what: &str, e: impl std::fmt::Display) -> BillingError {
+    BillingError::Ledger(StoreError::Io(format!("{what}: {e}")))
+}
+
 impl Accounts {
     fn slot(&self, account_id: &str) -> Arc<Mutex<State>> {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry(account_id.to_string()).or_default().clone()
+        lock(&self.0)
+            .entry(account_id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn existing(&self, account_id: &str) -> Option<Arc<Mutex<State>>> {
-        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(account_id).cloned()
+        lock(&self.0).get(account_id).cloned()
     }
 
     fn with<R>(&self, account_id: &str, f: impl FnOnce(&mut State) -> R) -> R {
         let slot = self.slot(account_id);
-        let mut s = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut s = lock(&slot);
         f(&mut s)
     }
 }
 
-impl Owned {
-    /// Start the writer task on the current runtime. Without one (a plain thread), charges and
-    /// reloads fail with a ledger error instead of hanging.
-    pub fn new(db: Db) -> Self {
-        let accounts = Arc::new(Accounts::default());
-        let (writer, rx) = mpsc::unbounded_channel();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(write_loop(db, accounts.clone(), rx));
+impl Journal {
+    /// One `write` of a whole line.
+    fn append(&mut self, text: &[u8]) -> std::io::Result<()> {
+        if let Some((_, file)) = &mut self.file {
+            file.write_all(text)?;
         }
-        Self { accounts, writer }
+        self.written += text.len() as u64;
+        Ok(())
+    }
+
+    fn remember(&mut self, request_id: &str) {
+        if self.order.len() >= RECENT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+        self.recent.insert(request_id.to_string());
+        self.order.push_back(request_id.to_string());
+    }
+
+    /// Once the file is long, write the waiting lines to a new file and put it in place (a
+    /// rename: a crash leaves either the old file or the new one, never neither).
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let Some((path, _)) = &self.file else {
+            return Ok(());
+        };
+        if self.written < ROTATE_BYTES {
+            return Ok(());
+        }
+        let path = path.clone();
+        let fresh = sibling(&path, ".rotating");
+        let mut text = Vec::new();
+        for c in &self.waiting {
+            line(&mut text, c)?;
+        }
+        std::fs::write(&fresh, &text)?;
+        std::fs::rename(&fresh, &path)?;
+        let file = append_to(&path)?;
+        self.written = text.len() as u64;
+        self.file = Some((path, file));
+        Ok(())
+    }
+}
+
+fn line(out: &mut Vec<u8>, c: &Charge) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, c)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+fn append_to(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// `path` with `suffix` added to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Where the journal of a database file lives.
+pub fn journal_path(database_file: &Path) -> PathBuf {
+    sibling(database_file, "-charges")
+}
+
+impl Owned {
+    /// Move what an earlier run journaled into the ledger, empty the journal, and start the
+    /// writer task on the current runtime.
+    pub async fn open(db: Db) -> Result<Self, BillingError> {
+        let file = match db.sqlite_file.as_deref() {
+            Some(database) => {
+                let path = journal_path(database);
+                let moved = recover(&db, &path).await?;
+                if moved > 0 {
+                    tracing::warn!(
+                        moved,
+                        "charges journaled by an earlier run are now in the ledger"
+                    );
+                }
+                let file =
+                    append_to(&path).map_err(|e| io_error("opening the charge journal", e))?;
+                Some((path, file))
+            }
+            None => None,
+        };
+        let accounts = Arc::new(Accounts::default());
+        let journal = Arc::new(Mutex::new(Journal {
+            file,
+            written: 0,
+            waiting: VecDeque::new(),
+            recent: HashSet::new(),
+            order: VecDeque::new(),
+        }));
+        let (writer, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(db, accounts.clone(), journal.clone(), rx));
+        Ok(Self {
+            accounts,
+            journal,
+            writer,
+        })
     }
 
     async fn ask<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, BillingError>>) -> Command,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, BillingError> {
         let (tx, rx) = oneshot::channel();
         self.writer.send(make(tx)).map_err(|_| writer_gone())?;
-        rx.await.map_err(|_| writer_gone())?
+        rx.await.map_err(|_| writer_gone())
     }
 
     /// Reserve `estimate` if the free balance covers it.
@@ -126,7 +263,10 @@ impl Owned {
                 self.accounts
                     .with(account_id, |s| match s.loaded.map(|t| t.elapsed()) {
                         Some(age) if age < REFRESH => {
-                            let free = s.balance.saturating_sub(s.reserved);
+                            let free = s
+                                .balance
+                                .saturating_sub(s.unmoved)
+                                .saturating_sub(s.reserved);
                             if s.active && free >= estimate.0 {
                                 s.reserved = s.reserved.saturating_add(estimate.0);
                                 Decision::Reserved
@@ -143,128 +283,181 @@ impl Owned {
                 Decision::Refused => break,
                 Decision::Reload => {
                     self.ask(|tx| Command::Reload(account_id.to_string(), tx))
-                        .await?
+                        .await??
                 }
             }
         }
         Err(BillingError::InsufficientBalance { estimate })
     }
 
-    /// Give `amount` back to the free balance (synchronous: usable from `Drop`).
+    /// Give `amount` back to the free balance.
     pub fn release(&self, account_id: &str, amount: Credits) {
         if let Some(slot) = self.accounts.existing(account_id) {
-            let mut s = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut s = lock(&slot);
             s.reserved = s.reserved.saturating_sub(amount.0).max(0);
         }
     }
 
-    /// Charge, once it is committed; `true` if charged, `false` if the request was charged
-    /// already. The reservation `reserved` is released whatever happens, even if this future is
-    /// dropped half-way (the writer then still commits the charge it was given).
-    pub async fn charge(&self, charge: Charge, reserved: Credits) -> Result<bool, BillingError> {
-        let account_id = charge.account_id.clone();
-        let _release = ReleaseOnDrop {
-            owned: self,
-            account_id: &account_id,
-            amount: reserved,
+    /// Charge: journal the charge and take it from the free balance in place of the
+    /// reservation `reserved` (released whatever happens). `true` if charged, `false` if the
+    /// request was charged already. Returns once the charge is durable; the writer moves it
+    /// into the ledger soon after.
+    pub fn charge(&self, charge: Charge, reserved: Credits) -> Result<bool, BillingError> {
+        let mut text = Vec::with_capacity(320);
+        let serialized = line(&mut text, &charge);
+        let mut j = lock(&self.journal);
+        let outcome = if j.recent.contains(&charge.request_id) {
+            Ok(false)
+        } else {
+            serialized
+                .and_then(|()| j.append(&text))
+                .map(|()| true)
+                .map_err(|e| io_error("writing the charge journal", e))
         };
-        self.ask(|tx| Command::Charge(charge, tx)).await
+        let charged = matches!(outcome, Ok(true));
+        self.accounts.with(&charge.account_id, |s| {
+            s.reserved = s.reserved.saturating_sub(reserved.0).max(0);
+            if charged {
+                s.unmoved = s.unmoved.saturating_add(charge.cost.0);
+            }
+        });
+        if charged {
+            j.remember(&charge.request_id);
+            j.waiting.push_back(charge);
+            drop(j);
+            // A writer that has stopped leaves the charge journaled: the next start moves it.
+            let _ = self.writer.send(Command::Move);
+        }
+        outcome
+    }
+
+    /// Wait until every charge made so far is in the ledger.
+    pub async fn flush(&self) -> Result<(), BillingError> {
+        self.ask(Command::Flush).await
     }
 
     /// The in-memory open reservations of an account (0 if it never reserved here).
     pub fn reserved(&self, account_id: &str) -> i64 {
-        self.accounts.existing(account_id).map_or(0, |slot| {
-            slot.lock().unwrap_or_else(PoisonError::into_inner).reserved
-        })
+        self.accounts
+            .existing(account_id)
+            .map_or(0, |slot| lock(&slot).reserved)
     }
 }
 
 fn writer_gone() -> BillingError {
-    BillingError::Ledger(StoreError::Io("the ledger writer has stopped".into()))
+    io_error("the ledger writer", "stopped")
 }
 
-struct ReleaseOnDrop<'a> {
-    owned: &'a Owned,
-    account_id: &'a str,
-    amount: Credits,
-}
-
-impl Drop for ReleaseOnDrop<'_> {
-    fn drop(&mut self) {
-        self.owned.release(self.account_id, self.amount);
-    }
-}
-
-/// The one writer: take everything waiting, run the reloads and commit the charges together,
-/// then apply the committed charges to memory and answer.
-async fn write_loop(db: Db, accounts: Arc<Accounts>, mut rx: mpsc::UnboundedReceiver<Command>) {
-    let mut waiting = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut waiting, MAX_BATCH).await > 0 {
-        let mut charges = Vec::new();
-        for command in waiting.drain(..) {
+/// The one writer: move the waiting charges into the ledger, then answer reloads and flushes
+/// in order (each after the charges made before it are in the ledger).
+async fn write_loop(
+    db: Db,
+    accounts: Arc<Accounts>,
+    journal: Arc<Mutex<Journal>>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut commands = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut commands, MAX_BATCH).await > 0 {
+        move_waiting(&db, &accounts, &journal).await;
+        for command in commands.drain(..) {
             match command {
-                Command::Charge(c, reply) => charges.push((c, reply)),
+                Command::Move => {}
                 Command::Reload(account_id, reply) => {
-                    // Charges received before this reload are committed first, in order.
-                    commit(&db, &accounts, std::mem::take(&mut charges)).await;
+                    move_waiting(&db, &accounts, &journal).await;
                     let _ = reply.send(reload(&db, &accounts, &account_id).await);
+                }
+                Command::Flush(reply) => {
+                    move_waiting(&db, &accounts, &journal).await;
+                    let _ = reply.send(());
                 }
             }
         }
-        commit(&db, &accounts, charges).await;
+    }
+    move_waiting(&db, &accounts, &journal).await;
+}
+
+/// Move every waiting charge into the ledger, [`MAX_BATCH`] per statement; on a database
+/// error keep them waiting (and journaled) and try again with backoff.
+async fn move_waiting(db: &Db, accounts: &Accounts, journal: &Mutex<Journal>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let batch: Vec<Charge> = {
+            let mut j = lock(journal);
+            let n = j.waiting.len().min(MAX_BATCH);
+            j.waiting.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        match insert(db, &batch).await {
+            Ok(inserted) => {
+                for c in &batch {
+                    let new = inserted.contains(c.request_id.as_str());
+                    accounts.with(&c.account_id, |s| {
+                        s.unmoved = s.unmoved.saturating_sub(c.cost.0);
+                        if new {
+                            s.balance = s.balance.saturating_sub(c.cost.0);
+                        }
+                    });
+                    if !new {
+                        tracing::warn!(request_id = %c.request_id, "request charged already; the ledger keeps its first charge");
+                    }
+                }
+                if let Err(e) = lock(journal).rotate() {
+                    tracing::error!(error = %e, "rotating the charge journal failed; it keeps growing");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, charges = batch.len(), "moving charges into the ledger failed; they stay journaled and are retried");
+                {
+                    let mut j = lock(journal);
+                    for c in batch.into_iter().rev() {
+                        j.waiting.push_front(c);
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
     }
 }
 
-async fn commit(
-    db: &Db,
-    accounts: &Accounts,
-    charges: Vec<(Charge, oneshot::Sender<Result<bool, BillingError>>)>,
-) {
-    if charges.is_empty() {
-        return;
-    }
-    let batch: Vec<&Charge> = charges.iter().map(|(c, _)| c).collect();
-    match insert(db, &batch).await {
-        Ok(()) => {
-            for (c, reply) in charges {
-                let _ = reply.send(one_outcome(accounts, &c, Ok(())));
-            }
+/// Move the lines of an earlier run's journal into the ledger and empty it; how many were
+/// new to the ledger.
+async fn recover(db: &Db, path: &Path) -> Result<u64, BillingError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_error("reading the charge journal", e)),
+    };
+    let mut charges = Vec::new();
+    for (n, raw) in text.split(|b| *b == b'\n').enumerate() {
+        if raw.is_empty() {
+            continue;
         }
-        Err(_) if charges.len() > 1 => {
-            // One bad row (a request charged already) must not fail the others: one at a time.
-            for (c, reply) in charges {
-                let outcome = insert(db, &[&c]).await;
-                let _ = reply.send(one_outcome(accounts, &c, outcome));
-            }
-        }
-        Err(e) => {
-            if let Some((c, reply)) = charges.into_iter().next() {
-                let _ = reply.send(one_outcome(accounts, &c, Err(e)));
-            }
+        match serde_json::from_slice::<Charge>(raw) {
+            Ok(c) => charges.push(c),
+            // Only a crash of the machine mid-write can tear a line: keep it visible.
+            Err(e) => tracing::error!(
+                line = n + 1,
+                error = %e,
+                text = %String::from_utf8_lossy(raw),
+                "a charge journal line does not parse; it is not applied"
+            ),
         }
     }
+    let mut moved = 0;
+    for chunk in charges.chunks(MAX_BATCH) {
+        moved += insert(db, chunk).await?.len() as u64;
+    }
+    std::fs::write(path, b"").map_err(|e| io_error("emptying the charge journal", e))?;
+    Ok(moved)
 }
 
-fn one_outcome(
-    accounts: &Accounts,
-    c: &Charge,
-    outcome: Result<(), sqlx::Error>,
-) -> Result<bool, BillingError> {
-    match outcome {
-        Ok(()) => {
-            accounts.with(&c.account_id, |s| {
-                s.balance = s.balance.saturating_sub(c.cost.0);
-            });
-            Ok(true)
-        }
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// One statement for the whole batch: SQLite runs it as one transaction, the ledger trigger
-/// moving each account's balance row by row.
-async fn insert(db: &Db, batch: &[&Charge]) -> Result<(), sqlx::Error> {
+/// One statement for the whole batch (one transaction in SQLite, the ledger trigger moving
+/// each account's balance row by row); a request charged already is skipped. Returns the
+/// request ids inserted.
+async fn insert(db: &Db, batch: &[Charge]) -> Result<HashSet<String>, sqlx::Error> {
     const COLUMNS: usize = 11;
     let mut sql = String::from(
         "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) VALUES ",
@@ -291,7 +484,8 @@ async fn insert(db: &Db, batch: &[&Charge]) -> Result<(), sqlx::Error> {
             p + 11
         );
     }
-    let mut q = sqlx::query(&sql);
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING request_id");
+    let mut q = sqlx::query_scalar::<_, String>(&sql);
     for c in batch {
         q = q
             .bind(c.id.as_str())
@@ -306,7 +500,7 @@ async fn insert(db: &Db, batch: &[&Charge]) -> Result<(), sqlx::Error> {
             .bind(c.seconds)
             .bind(c.created_at);
     }
-    q.execute(&db.pool).await.map(|_| ())
+    Ok(q.fetch_all(&db.pool).await?.into_iter().collect())
 }
 
 async fn reload(db: &Db, accounts: &Accounts, account_id: &str) -> Result<(), BillingError> {

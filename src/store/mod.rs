@@ -27,6 +27,8 @@ pub enum Backend {
 pub struct Db {
     pub pool: AnyPool,
     pub backend: Backend,
+    /// The SQLite database file (`None` for PostgreSQL and for an in-memory database).
+    pub sqlite_file: Option<std::path::PathBuf>,
     /// SQLite: stops the background checkpointer when the last handle goes.
     _checkpointer: Option<std::sync::Arc<Checkpointer>>,
 }
@@ -157,6 +159,7 @@ impl Db {
         } else {
             return Err(StoreError::Url(url.to_string()));
         };
+        let mut sqlite_file = None;
         let pool = match backend {
             Backend::Sqlite => {
                 let path = url
@@ -170,6 +173,9 @@ impl Db {
                     && !dir.as_os_str().is_empty()
                 {
                     std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(e.to_string()))?;
+                }
+                if !path.is_empty() && !path.contains(":memory:") && !url.contains("mode=memory") {
+                    sqlite_file = Some(std::path::PathBuf::from(&path));
                 }
                 let url = if url.contains('?') {
                     url.to_string()
@@ -214,6 +220,7 @@ impl Db {
         let db = Self {
             pool,
             backend,
+            sqlite_file,
             _checkpointer: checkpointer,
         };
         db.migrate().await?;

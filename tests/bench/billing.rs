@@ -46,7 +46,9 @@ fn money_path(c: &mut Criterion) {
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let (auth, billing, key, account) = rt.block_on(async {
         let db = Db::connect(&url).await.unwrap();
-        let billing = Billing::new(db.clone(), Duration::from_secs(900), None);
+        let billing = Billing::for_gateway(db.clone(), Duration::from_secs(900), None)
+            .await
+            .unwrap();
         let a = billing.create_account("bench").await.unwrap();
         billing
             .credit(&a.id, Credits::parse_usd("1000000").unwrap(), "bench")
@@ -99,6 +101,22 @@ fn money_path(c: &mut Criterion) {
             }
         })
     });
+    // The same, waiting until the charge is in the ledger too (what the journal takes off the
+    // request path).
+    c.bench_function(
+        "billing/authenticate+reserve+settle+moved into the ledger",
+        |b| {
+            b.to_async(&rt).iter(|| {
+                n += 1;
+                let request_id = format!("bench-{n}");
+                let (auth, billing, key) = (&auth, &billing, &key);
+                async move {
+                    one_request(auth, billing, key, &request_id, estimate, price, usage).await;
+                    billing.flush().await.unwrap()
+                }
+            })
+        },
+    );
     // The same path for 64 requests at once (the gateway under load): time per request, with
     // charges sharing commits.
     c.bench_function(

@@ -68,10 +68,11 @@ pub struct Charge {
 enum Command {
     /// Move the waiting charges into the ledger.
     Move,
-    /// Move the waiting charges, then read the account's stored balance and status.
+    /// Read the account's stored balance and status.
     Reload(String, oneshot::Sender<Result<(), BillingError>>),
-    /// Move the waiting charges, then answer (readers of the ledger see every charge).
-    Flush(oneshot::Sender<()>),
+    /// Move the waiting charges, then answer (readers of the ledger see every charge), with
+    /// the error if some could not be moved.
+    Flush(oneshot::Sender<Result<(), BillingError>>),
 }
 
 pub struct Owned {
@@ -333,7 +334,7 @@ impl Owned {
 
     /// Wait until every charge made so far is in the ledger.
     pub async fn flush(&self) -> Result<(), BillingError> {
-        self.ask(Command::Flush).await
+        self.ask(Command::Flush).await?
     }
 
     /// The in-memory open reservations of an account (0 if it never reserved here).
@@ -349,7 +350,9 @@ fn writer_gone() -> BillingError {
 }
 
 /// The one writer: move the waiting charges into the ledger, then answer reloads and flushes
-/// in order (each after the charges made before it are in the ledger).
+/// in order. A reload needs no move first: the stored balance counts exactly the charges
+/// moved, and `unmoved` the others. While the database fails, the charges stay waiting (and
+/// journaled), flushes are answered with the error, and moving is retried with backoff.
 async fn write_loop(
     db: Db,
     accounts: Arc<Accounts>,
@@ -357,29 +360,54 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Command>,
 ) {
     let mut commands = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut commands, MAX_BATCH).await > 0 {
-        move_waiting(&db, &accounts, &journal).await;
+    let mut retry: Option<Duration> = None;
+    loop {
+        let received = match retry {
+            None => rx.recv_many(&mut commands, MAX_BATCH).await,
+            Some(pause) => {
+                match tokio::time::timeout(pause, rx.recv_many(&mut commands, MAX_BATCH)).await {
+                    Ok(n) => n,
+                    // Nothing arrived during the pause: try moving again.
+                    Err(_) => usize::MAX,
+                }
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        let moved = move_waiting(&db, &accounts, &journal).await;
+        retry = match &moved {
+            Ok(()) => None,
+            Err(_) => Some(retry.map_or(Duration::from_millis(50), |p| (p * 2).min(MAX_BACKOFF))),
+        };
         for command in commands.drain(..) {
             match command {
                 Command::Move => {}
                 Command::Reload(account_id, reply) => {
-                    move_waiting(&db, &accounts, &journal).await;
                     let _ = reply.send(reload(&db, &accounts, &account_id).await);
                 }
                 Command::Flush(reply) => {
-                    move_waiting(&db, &accounts, &journal).await;
-                    let _ = reply.send(());
+                    let _ = reply.send(match &moved {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io_error("moving charges into the ledger", e)),
+                    });
                 }
             }
         }
     }
-    move_waiting(&db, &accounts, &journal).await;
+    if let Err(e) = move_waiting(&db, &accounts, &journal).await {
+        tracing::error!(error = %e, "charges stay in the journal for the next start");
+    }
 }
 
-/// Move every waiting charge into the ledger, [`MAX_BATCH`] per statement; on a database
-/// error keep them waiting (and journaled) and try again with backoff.
-async fn move_waiting(db: &Db, accounts: &Accounts, journal: &Mutex<Journal>) {
-    let mut backoff = Duration::from_millis(50);
+/// Move every waiting charge into the ledger, [`MAX_BATCH`] per statement. A failed statement
+/// is retried charge by charge (so one bad row cannot hold back the others); what still fails
+/// goes back to the front of the queue, in order, and the error is returned.
+async fn move_waiting(
+    db: &Db,
+    accounts: &Accounts,
+    journal: &Mutex<Journal>,
+) -> Result<(), sqlx::Error> {
     loop {
         let batch: Vec<Charge> = {
             let mut j = lock(journal);
@@ -387,37 +415,50 @@ async fn move_waiting(db: &Db, accounts: &Accounts, journal: &Mutex<Journal>) {
             j.waiting.drain(..n).collect()
         };
         if batch.is_empty() {
-            return;
+            return Ok(());
         }
         match insert(db, &batch).await {
-            Ok(inserted) => {
-                for c in &batch {
-                    let new = inserted.contains(c.request_id.as_str());
-                    accounts.with(&c.account_id, |s| {
-                        s.unmoved = s.unmoved.saturating_sub(c.cost.0);
-                        if new {
-                            s.balance = s.balance.saturating_sub(c.cost.0);
+            Ok(inserted) => moved(accounts, &batch, &inserted),
+            Err(error) => {
+                tracing::error!(%error, charges = batch.len(), "moving charges into the ledger failed; they stay journaled");
+                let mut failed = Vec::new();
+                let mut last = error;
+                for c in batch {
+                    match insert(db, std::slice::from_ref(&c)).await {
+                        Ok(inserted) => moved(accounts, std::slice::from_ref(&c), &inserted),
+                        Err(e) => {
+                            last = e;
+                            failed.push(c);
                         }
-                    });
-                    if !new {
-                        tracing::warn!(request_id = %c.request_id, "request charged already; the ledger keeps its first charge");
                     }
                 }
-                if let Err(e) = lock(journal).rotate() {
-                    tracing::error!(error = %e, "rotating the charge journal failed; it keeps growing");
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, charges = batch.len(), "moving charges into the ledger failed; they stay journaled and are retried");
-                {
+                if !failed.is_empty() {
                     let mut j = lock(journal);
-                    for c in batch.into_iter().rev() {
+                    for c in failed.into_iter().rev() {
                         j.waiting.push_front(c);
                     }
+                    return Err(last);
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+        if let Err(e) = lock(journal).rotate() {
+            tracing::error!(error = %e, "rotating the charge journal failed; it keeps growing");
+        }
+    }
+}
+
+/// Account for charges now in the ledger (`inserted` names the request ids that were new).
+fn moved(accounts: &Accounts, batch: &[Charge], inserted: &HashSet<String>) {
+    for c in batch {
+        let new = inserted.contains(c.request_id.as_str());
+        accounts.with(&c.account_id, |s| {
+            s.unmoved = s.unmoved.saturating_sub(c.cost.0);
+            if new {
+                s.balance = s.balance.saturating_sub(c.cost.0);
+            }
+        });
+        if !new {
+            tracing::warn!(request_id = %c.request_id, "request charged already; the ledger keeps its first charge");
         }
     }
 }

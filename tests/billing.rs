@@ -1,7 +1,7 @@
-//! Keys and money end to end: statuses and bodies of bad keys, concurrent requests that can never
-//! overdraw (SQLite in-process; PostgreSQL with two gateway processes), failures that cost
-//! nothing, streams charged once, a `kill -9` that loses and doubles nothing, and a charge journal
-//! left by a crash moved into the ledger once.
+//! Keys and money end to end, each on SQLite and on PostgreSQL: statuses and bodies of bad keys,
+//! concurrent requests that can never overdraw (and on PostgreSQL with two gateway processes),
+//! failures that cost nothing, streams charged once, a `kill -9` that loses and doubles nothing;
+//! and on SQLite a charge journal left by a crash moved into the ledger once.
 
 #![allow(
     clippy::unwrap_used,
@@ -28,7 +28,92 @@ fn paid_models() -> &'static str {
     "  - { name: paid, channel: demo, upstream_model: demo-chat, price: { per_request: 10000000000 } }\n  - { name: paid-up, channel: mock, upstream_model: gpt-test, price: { input_per_token: 1000, output_per_token: 2000 } }\n"
 }
 
-async fn billed_gateway(up: &MockUpstream) -> TestGateway {
+/// The store a test runs on: the suite runs on both.
+#[derive(Clone, Copy, Debug)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// Run a test on SQLite and on PostgreSQL: `name::sqlite` and `name::postgres`.
+macro_rules! on_both_stores {
+    ($name:ident $(, $($args:tt)*)?) => {
+        mod $name {
+            use super::*;
+            #[tokio::test$(($($args)*))?]
+            async fn sqlite() {
+                super::$name(Store::Sqlite).await
+            }
+            #[tokio::test$(($($args)*))?]
+            async fn postgres() {
+                super::$name(Store::Postgres).await
+            }
+        }
+    };
+}
+
+/// A fresh schema in the machine's PostgreSQL (database `test`), as a database URL.
+async fn postgres_url() -> String {
+    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (database test, trust auth); .ci/run starts it");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    // Schemas of earlier runs (named by ULID, so by time) are dropped once an hour old.
+    let names: Vec<(String,)> =
+        sqlx::query_as("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 't\\_%'")
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for (name,) in names {
+        if let Ok(id) = ulid::Ulid::from_string(&name[2..].to_uppercase())
+            && id.datetime() < hour_ago
+        {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .execute(&admin)
+                .await;
+        }
+    }
+    format!("postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{schema}")
+}
+
+/// A database URL on `store`, for a test whose files live in `dir`.
+async fn database_url(store: Store, dir: &std::path::Path, name: &str) -> String {
+    match store {
+        Store::Sqlite => format!("sqlite://{}", dir.join(name).display()),
+        Store::Postgres => postgres_url().await,
+    }
+}
+
+/// A test gateway's config on `store` (config_yaml writes a SQLite one).
+async fn on_store(yaml: String, store: Store) -> String {
+    let Store::Postgres = store else {
+        return yaml;
+    };
+    let url = postgres_url().await;
+    let yaml = yaml
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("url: \"sqlite:") {
+                format!("  url: \"{url}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        yaml.contains("postgres://"),
+        "the database line was replaced"
+    );
+    yaml
+}
+
+async fn billed_gateway(up: &MockUpstream, store: Store) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -36,6 +121,7 @@ async fn billed_gateway(up: &MockUpstream) -> TestGateway {
     // and those in extra_models, so add them by hand after.
     let yaml = config_yaml(Some(&up.base_url()), "", "", &plugins)
         .replace("models:\n", &format!("models:\n{}", paid_models()));
+    let yaml = on_store(yaml, store).await;
     TestGateway::start_yaml(&yaml, dir).await
 }
 
@@ -102,10 +188,10 @@ async fn settle_down(b: &Billing, account: &str) {
     );
 }
 
-#[tokio::test]
-async fn bad_keys_get_their_status_and_body() {
+on_both_stores!(bad_keys_get_their_status_and_body);
+async fn bad_keys_get_their_status_and_body(store: Store) {
     let up = MockUpstream::start().await;
-    let gw = billed_gateway(&up).await;
+    let gw = billed_gateway(&up, store).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "keys", "1", key_named("k")).await;
 
@@ -223,10 +309,14 @@ async fn bad_keys_get_their_status_and_body() {
     settle_down(b, &account).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance() {
+on_both_stores!(
+    two_hundred_concurrent_requests_on_fifty_requests_of_balance,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance(store: Store) {
     let up = MockUpstream::start().await;
-    let gw = billed_gateway(&up).await;
+    let gw = billed_gateway(&up, store).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "crowd", "0.50", key_named("k")).await;
     assert_eq!(b.account(&account).await.unwrap().balance, 50 * PER_REQUEST);
@@ -274,8 +364,8 @@ async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance() {
     assert_eq!(charges, 50);
 }
 
-#[tokio::test]
-async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends() {
+on_both_stores!(failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends);
+async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store: Store) {
     let up = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
@@ -286,7 +376,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends() {
         .collect();
     let yaml = config_yaml(Some(&up.base_url()), "", "", &plugins)
         .replace("models:\n", &format!("models:\n{}{priced}", paid_models()));
-    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    let gw = TestGateway::start_yaml(&on_store(yaml, store).await, dir).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "careful", "1", key_named("k")).await;
     let before = b.account(&account).await.unwrap().balance;
@@ -459,16 +549,7 @@ async fn post(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_gateways_never_overdraw() {
     let up = MockUpstream::start().await;
-    let schema = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
-    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432 (database test, trust auth); .ci/run starts it");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url =
-        format!("postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{schema}");
+    let url = postgres_url().await;
     let dir = tempfile::tempdir().unwrap();
     let config = process_config(dir.path(), &url, &up.base_url());
     let (_a, base_a) = spawn_gateway(&config);
@@ -527,18 +608,26 @@ async fn postgres_two_gateways_never_overdraw() {
         .map(|e| e["amount"].as_i64().unwrap())
         .sum();
     assert_eq!(sum, 0, "the ledger sums to the balance");
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&admin)
-        .await
-        .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
+on_both_stores!(
+    kill_minus_nine_mid_stream_loses_and_doubles_nothing,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing(store: Store) {
     let up = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("kill.db").display());
+    let url = database_url(store, dir.path(), "kill.db").await;
     let config = process_config(dir.path(), &url, &up.base_url());
+    // PostgreSQL is shared: a starting gateway releases only reservations past their lifetime,
+    // so the lifetime is short here and the restart waits it out.
+    let ttl = Duration::from_secs(2);
+    if let Store::Postgres = store {
+        let mut yaml = std::fs::read_to_string(&config).unwrap();
+        yaml.push_str("billing: { reservation_ttl: 2s }\n");
+        std::fs::write(&config, yaml).unwrap();
+    }
     cli(&config, &["accounts", "create", "victim"]);
     cli(&config, &["credits", "add", "victim", "1"]);
     let key = cli(
@@ -573,7 +662,7 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
         s.next().await.unwrap().unwrap();
         open.push(s);
     }
-    // SQLite: the gateway that owns the file holds reservations in memory; it reports them.
+    // The running gateway reports them (on SQLite they are only in its memory).
     let held = get_json(&client, &format!("{base}/v1/balance"), &key).await;
     assert!(
         held["reserved_picodollars"].as_i64().unwrap() > 0,
@@ -582,6 +671,9 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
     gw.0.kill().unwrap(); // SIGKILL
     gw.0.wait().unwrap();
     drop(open);
+    if let Store::Postgres = store {
+        tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    }
     let (_gw2, _base2) = spawn_gateway(&config);
     let account = cli(&config, &["credits", "show", "victim"]);
     assert_eq!(
@@ -609,10 +701,10 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing() {
     assert_eq!(sum, account["balance"].as_i64().unwrap());
 }
 
-#[tokio::test]
-async fn the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger() {
+on_both_stores!(the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger);
+async fn the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger(store: Store) {
     let up = MockUpstream::start().await;
-    let gw = billed_gateway(&up).await;
+    let gw = billed_gateway(&up, store).await;
     let admin = |method: reqwest::Method, path: &str| {
         gw.client
             .request(method, format!("{}{path}", gw.operator))

@@ -42,6 +42,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub auth: Authenticator,
     pub billing: Billing,
+    pub limiter: crate::limits::Limiter,
     pub moderator: crate::moderation::Moderator,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
@@ -108,6 +109,7 @@ impl AppState {
             metrics,
             auth,
             billing,
+            limiter: crate::limits::Limiter::new(),
             moderator,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::billing::BillingError;
+use crate::limits::LimitError;
 use crate::plugins::{GuestErrorClass, PluginError};
 use crate::routing::RoutingError;
 use crate::upstream::UpstreamError;
@@ -40,6 +41,8 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Billing(#[from] BillingError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     #[error("This API key is not allowed to use the model `{0}`.")]
     ModelNotAllowed(String),
     #[error(transparent)]
@@ -86,6 +89,8 @@ impl ApiError {
                 BillingError::NoAccount => StatusCode::FORBIDDEN,
                 BillingError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
+            Self::Limit(LimitError::Exceeded(_)) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Limit(LimitError::Billing(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ContentPolicy(_) => StatusCode::BAD_REQUEST,
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
@@ -138,6 +143,8 @@ impl ApiError {
                 BillingError::NoAccount => "account_not_found",
                 BillingError::Ledger(_) => "internal_error",
             },
+            Self::Limit(LimitError::Exceeded(_)) => "rate_limit_exceeded",
+            Self::Limit(LimitError::Billing(_)) => "internal_error",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ContentPolicy(_) => "content_policy_violation",
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
@@ -222,13 +229,16 @@ impl ApiError {
         body
     }
 
-    /// Retry hint for 429s that came from the upstream.
+    /// Retry hint for 429s: from the upstream, or from our own limits.
     fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::Plugin(PluginError::Guest {
                 retry_after_ms: Some(ms),
                 ..
             }) => Some(ms.div_ceil(1000).max(1)),
+            Self::Limit(LimitError::Exceeded(e)) => e
+                .retry_after()
+                .map(|d| d.as_millis().div_ceil(1000).max(1) as u64),
             _ => None,
         }
     }
@@ -254,6 +264,13 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let Self::Limit(LimitError::Exceeded(e)) = &self {
+            for (name, value) in e.headers() {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, v);
+                }
+            }
         }
         let detail = match &self {
             Self::Internal(d) => d.clone(),

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod billing;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod moderation;
 pub mod pipeline;

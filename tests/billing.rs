@@ -25,7 +25,7 @@ use tollgate::billing::{Billing, Credits};
 const PER_REQUEST: i64 = 10_000_000_000;
 
 fn paid_models() -> &'static str {
-    "  - { name: paid, channel: demo, upstream_model: demo-chat, price: { per_request: 10000000000 } }\n  - { name: paid-up, channel: mock, upstream_model: gpt-test, price: { input_per_token: 1000, output_per_token: 2000 } }\n"
+    "  - { name: paid, channel: demo, upstream_model: demo-chat, price: { per_request: 10000000000 } }\n  - { name: paid-up, channel: mock, upstream_model: gpt-test, price: { input_per_token: 1000, output_per_token: 2000 } }\n  - { name: paid-slow, channel: mock, upstream_model: slow-stream, price: { per_request: 10000000000 } }\n"
 }
 
 /// The store a test runs on: the suite runs on both.
@@ -1022,4 +1022,228 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     assert!(b.verify(&a.id).await.unwrap());
     let charges = b.ledger(Some(&a.id), None, 100).await.unwrap();
     assert_eq!(charges.iter().filter(|e| e.kind == "charge").count(), 3);
+}
+
+fn limited(limits: tollgate::limits::Limits) -> NewKey {
+    NewKey {
+        name: "limited".into(),
+        limits: Some(limits),
+        ..NewKey::default()
+    }
+}
+
+/// The refusal of a key's own limit: a 429 in OpenAI's body with a retry hint.
+async fn assert_throttled(r: reqwest::Response) -> reqwest::header::HeaderMap {
+    assert_eq!(r.status(), 429);
+    let headers = r.headers().clone();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    headers
+}
+
+on_both_stores!(a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing);
+async fn a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing(store: Store) {
+    use tollgate::limits::Limits;
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up, store).await;
+    let b = billing(&gw);
+
+    // Requests per minute: a minute's allowance at once, then refused with a retry hint.
+    let (account, key) = funded_key(
+        b,
+        "per-minute",
+        "1",
+        limited(Limits {
+            requests_per_minute: Some(3),
+            ..Limits::default()
+        }),
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(chat_with(&gw, &key, "paid-up", false).await.status(), 200);
+    }
+    settle_down(b, &account).await;
+    let (balance, hits) = (b.account(&account).await.unwrap().balance, up.hits());
+    let h = assert_throttled(chat_with(&gw, &key, "paid-up", false).await).await;
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (1..=20).contains(&retry),
+        "one request comes back within 20 s: {retry}"
+    );
+    assert_eq!(h["x-ratelimit-limit-requests"], "3");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+    assert!(
+        h["x-ratelimit-reset-requests"]
+            .to_str()
+            .unwrap()
+            .ends_with('s')
+    );
+    assert!(h.contains_key("x-request-id"));
+    assert_eq!(up.hits(), hits, "a throttled request reaches no upstream");
+    settle_down(b, &account).await;
+    assert_eq!(
+        b.account(&account).await.unwrap().balance,
+        balance,
+        "and costs nothing"
+    );
+
+    // Concurrency: one at a time; the place is given back when the stream ends.
+    let (_, key) = funded_key(
+        b,
+        "one-at-a-time",
+        "1",
+        limited(Limits {
+            concurrent_requests: Some(1),
+            ..Limits::default()
+        }),
+    )
+    .await;
+    let open = chat_with(&gw, &key, "paid-slow", true).await;
+    assert_eq!(open.status(), 200);
+    let mut open = open.bytes_stream();
+    open.next().await.unwrap().unwrap();
+    let h = assert_throttled(chat_with(&gw, &key, "paid", false).await).await;
+    assert_eq!(h["retry-after"], "1");
+    drop(open);
+    let mut passed = false;
+    for _ in 0..100 {
+        if chat_with(&gw, &key, "paid", false).await.status() == 200 {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(passed, "the place is free once the stream is gone");
+
+    // Tokens per minute: counted as prompt + maximum output; too large for the limit at all is
+    // refused without a retry hint, a smaller max_tokens passes.
+    let (_, key) = funded_key(
+        b,
+        "tokens",
+        "1",
+        limited(Limits {
+            tokens_per_minute: Some(1_000),
+            ..Limits::default()
+        }),
+    )
+    .await;
+    let ask = |max_tokens: u64| {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.public))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "paid-up", "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let h = assert_throttled(ask(5_000).await.unwrap()).await;
+    assert!(!h.contains_key("retry-after"), "waiting cannot help");
+    assert_eq!(h["x-ratelimit-limit-tokens"], "1000");
+    assert_eq!(ask(100).await.unwrap().status(), 200);
+
+    // Spend per day: the day's charges and the requests in flight count against it.
+    let (_, key) = funded_key(
+        b,
+        "daily",
+        "1",
+        limited(Limits {
+            spend_per_day_usd: Some("0.02".into()),
+            ..Limits::default()
+        }),
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(chat_with(&gw, &key, "paid", false).await.status(), 200);
+    }
+    let r = chat_with(&gw, &key, "paid", false).await;
+    let h = assert_throttled(r).await;
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry <= 86_400, "until the next UTC day: {retry}");
+}
+
+on_both_stores!(limits_are_checked_when_a_key_is_made);
+async fn limits_are_checked_when_a_key_is_made(store: Store) {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up, store).await;
+    let admin = |path: &str| {
+        gw.client
+            .post(format!("{}{path}", gw.operator))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    admin("/admin/accounts")
+        .json(&serde_json::json!({"name": "checked"}))
+        .send()
+        .await
+        .unwrap();
+    for (limits, field) in [
+        (
+            serde_json::json!({"requests_per_minute": 0}),
+            "requests_per_minute",
+        ),
+        (
+            serde_json::json!({"spend_per_day_usd": "lots"}),
+            "spend_per_day_usd",
+        ),
+        (
+            serde_json::json!({"requests_per_hour": 5}),
+            "requests_per_hour",
+        ),
+    ] {
+        let r = admin("/admin/accounts/checked/keys")
+            .json(&serde_json::json!({"name": "k", "limits": limits}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{limits}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains(field), "the error names {field}: {body}");
+    }
+    let r = admin("/admin/accounts/checked/keys")
+        .json(&serde_json::json!({"name": "k", "limits": {"requests_per_minute": 60, "spend_per_day_usd": "5.00"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["info"]["limits"]["requests_per_minute"], 60);
+    assert_eq!(body["info"]["limits"]["spend_per_day_usd"], "5.00");
+}
+
+#[test]
+fn the_cli_issues_keys_with_limits_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("cli.db").display());
+    let config = process_config(dir.path(), &url, "http://127.0.0.1:9");
+    cli(&config, &["accounts", "create", "limited"]);
+    let made = cli(
+        &config,
+        &[
+            "keys",
+            "create",
+            "--account",
+            "limited",
+            "--name",
+            "k",
+            "--requests-per-minute",
+            "60",
+            "--concurrent-requests",
+            "4",
+            "--spend-per-day-usd",
+            "2.50",
+        ],
+    );
+    let limits = &made["info"]["limits"];
+    assert_eq!(limits["requests_per_minute"], 60);
+    assert_eq!(limits["concurrent_requests"], 4);
+    assert_eq!(limits["spend_per_day_usd"], "2.50");
+    assert!(limits.get("tokens_per_minute").is_none());
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "create", "--account", "limited", "--name", "bad"])
+        .args(["--tokens-per-minute", "0", "--config"])
+        .arg(&config)
+        .env("MOCK_KEY", "sk-test-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tokens_per_minute"), "{err}");
 }

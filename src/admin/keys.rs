@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{self, PlainKey};
 use crate::billing::{Billing, BillingError};
+use crate::limits::Limits;
 use crate::store::{StoreError, now_ms};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +47,10 @@ pub struct NewKey {
     pub models: Option<Vec<String>>,
     #[serde(default)]
     pub policy_set: Option<String>,
-    /// Per-key limits (requests/tokens per minute, concurrency, daily spend), enforced by
-    /// admission once it lands; stored as given.
+    /// Per-key limits (requests and tokens per minute, concurrency, daily spend), enforced at
+    /// admission ([`crate::limits`]).
     #[serde(default)]
-    pub limits: Option<serde_json::Value>,
+    pub limits: Option<Limits>,
 }
 
 /// A key as listed: never the secret, never its hash.
@@ -62,7 +63,7 @@ pub struct KeyInfo {
     pub prefix: String,
     pub models: Option<Vec<String>>,
     pub policy_set: String,
-    pub limits: serde_json::Value,
+    pub limits: Limits,
     pub created_at: i64,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
@@ -106,6 +107,10 @@ pub async fn create(
     if new.name.trim().is_empty() {
         return Err(KeyError::Invalid("`name` must not be empty".into()));
     }
+    let limits = new.limits.unwrap_or_default();
+    limits.validate().map_err(KeyError::Invalid)?;
+    let limits =
+        serde_json::to_string(&limits).map_err(|e| KeyError::Invalid(format!("limits: {e}")))?;
     let account = billing.account(account).await?;
     let (plain, lookup, hash) = auth::generate();
     let id = format!("key_{}", ulid::Ulid::new());
@@ -125,7 +130,7 @@ pub async fn create(
     .bind(&hash)
     .bind(models)
     .bind(new.policy_set.unwrap_or_else(|| "default".into()))
-    .bind(new.limits.unwrap_or_else(|| serde_json::json!({})).to_string())
+    .bind(limits)
     .bind(now)
     .bind(expires_at)
     .execute(&billing.db().pool)

@@ -13,6 +13,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::limits::Limits;
 use crate::store::{Db, StoreError, now_ms};
 
 pub const PREFIX: &str = "tg_";
@@ -53,6 +54,7 @@ pub struct Caller {
     pub account_id: String,
     pub allowed_models: Option<Vec<String>>,
     pub policy_set: String,
+    pub limits: Arc<Limits>,
 }
 
 impl Caller {
@@ -134,6 +136,7 @@ struct KeyRow {
     secret_hash: String,
     allowed_models: Option<Vec<String>>,
     policy_set: String,
+    limits: Arc<Limits>,
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
     account_status: String,
@@ -193,6 +196,7 @@ impl Authenticator {
             account_id: row.account_id.clone(),
             allowed_models: row.allowed_models.clone(),
             policy_set: row.policy_set.clone(),
+            limits: row.limits.clone(),
         })
     }
 
@@ -209,6 +213,7 @@ type KeyTuple = (
     String,
     Option<String>,
     String,
+    String,
     Option<i64>,
     Option<i64>,
     String,
@@ -216,7 +221,7 @@ type KeyTuple = (
 
 async fn load_row(db: &Db, lookup: &str) -> Result<Option<KeyRow>, AuthError> {
     let row: Option<KeyTuple> = sqlx::query_as(
-        "SELECT k.id, k.name, k.account_id, k.secret_hash, k.allowed_models, k.policy_set, k.expires_at, k.revoked_at, a.status \
+        "SELECT k.id, k.name, k.account_id, k.secret_hash, k.allowed_models, k.policy_set, k.limits, k.expires_at, k.revoked_at, a.status \
          FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.lookup = $1",
     )
     .bind(lookup)
@@ -230,6 +235,7 @@ async fn load_row(db: &Db, lookup: &str) -> Result<Option<KeyRow>, AuthError> {
             secret_hash,
             allowed,
             policy_set,
+            limits,
             expires_at,
             revoked_at,
             account_status,
@@ -240,6 +246,12 @@ async fn load_row(db: &Db, lookup: &str) -> Result<Option<KeyRow>, AuthError> {
             secret_hash,
             allowed_models: allowed.and_then(|s| serde_json::from_str(&s).ok()),
             policy_set,
+            limits: Arc::new(serde_json::from_str(&limits).unwrap_or_else(|e| {
+                // Limits are checked when a key is made; a row edited by hand into something
+                // unreadable must not lock its key out: it is logged at every load.
+                tracing::error!(error = %e, "a key's stored limits do not parse; it runs without them");
+                Limits::default()
+            })),
             expires_at,
             revoked_at,
             account_status,

@@ -5,6 +5,7 @@ use clap::Subcommand;
 
 use crate::admin::keys::{self, NewKey};
 use crate::billing::{Billing, Credits};
+use crate::limits::Limits;
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
@@ -36,6 +37,32 @@ pub enum CreditsCommand {
     },
 }
 
+/// A key's limits (none given: no limit).
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    #[arg(long)]
+    requests_per_minute: Option<u32>,
+    /// Prompt and maximum output tokens per minute.
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    #[arg(long)]
+    concurrent_requests: Option<u32>,
+    /// Dollars per UTC day, exactly ("5.00").
+    #[arg(long)]
+    spend_per_day_usd: Option<String>,
+}
+
+impl From<LimitArgs> for Limits {
+    fn from(a: LimitArgs) -> Self {
+        Self {
+            requests_per_minute: a.requests_per_minute,
+            tokens_per_minute: a.tokens_per_minute,
+            concurrent_requests: a.concurrent_requests,
+            spend_per_day_usd: a.spend_per_day_usd,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Issue a key (shown once).
@@ -52,6 +79,8 @@ pub enum KeysCommand {
         models: Option<Vec<String>>,
         #[arg(long)]
         policy_set: Option<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// List an account's keys (never the secrets).
     List {
@@ -118,6 +147,7 @@ pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()>
             expires_in_seconds,
             models,
             policy_set,
+            limits,
         } => {
             let (info, plain) = keys::create(
                 billing,
@@ -127,7 +157,7 @@ pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()>
                     expires_in_seconds,
                     models,
                     policy_set,
-                    limits: None,
+                    limits: Some(limits.into()),
                 },
             )
             .await?;

@@ -557,6 +557,26 @@ impl Billing {
         Ok(rows.into_iter().map(entry).collect())
     }
 
+    /// What a key was charged since `since_ms` (for its daily spend limit).
+    pub async fn spent_by_key_since(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        since_ms: i64,
+    ) -> Result<Credits, BillingError> {
+        self.flush().await?;
+        let (spent,): (i64,) = sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(-amount), 0) AS BIGINT) FROM ledger \
+             WHERE account_id = $1 AND created_at >= $2 AND key_id = $3 AND kind = 'charge'",
+        )
+        .bind(account_id)
+        .bind(since_ms)
+        .bind(key_id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok(Credits(spent))
+    }
+
     /// The balance equals the sum of the ledger, and `reserved` equals the open reservations.
     pub async fn verify(&self, account_id: &str) -> Result<bool, BillingError> {
         let mut account = self.account(account_id).await?;

@@ -177,6 +177,39 @@ pub async fn chat(
         }
         _ => {}
     }
+    let price = pick.price();
+    let max_out = req
+        .max_output_tokens
+        .or_else(|| {
+            pick.model_info()
+                .and_then(|m| m.max_output_tokens)
+                .map(u64::from)
+        })
+        .unwrap_or(st.config.billing.default_max_output_tokens);
+    let prompt_estimate = req.prompt_token_estimate();
+    let estimate = price.cost(&Usage {
+        prompt_tokens: prompt_estimate,
+        completion_tokens: max_out,
+        ..Usage::default()
+    });
+    // Throttling: the key's own limits; a refusal here has consumed nothing.
+    let admitted = match caller {
+        Some(c) => {
+            st.limiter
+                .admit(
+                    &st.billing,
+                    crate::limits::Ask {
+                        account_id: &c.account_id,
+                        key_id: &c.key_id,
+                        limits: &c.limits,
+                        tokens: prompt_estimate.saturating_add(max_out),
+                        estimate,
+                    },
+                )
+                .await?
+        }
+        None => None,
+    };
     // Screening: a blocked prompt is refused here, before any money moves or any upstream sees it.
     let body: serde_json::Value = serde_json::from_str(&req.raw)
         .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
@@ -193,40 +226,24 @@ pub async fn chat(
     )?;
     let provider = pick.plugin.name().to_string();
     tracing::Span::current().record("provider", provider.as_str());
-    let price = pick.price();
-    let max_out = req
-        .max_output_tokens
-        .or_else(|| {
-            pick.model_info()
-                .and_then(|m| m.max_output_tokens)
-                .map(u64::from)
-        })
-        .unwrap_or(st.config.billing.default_max_output_tokens);
-    let prompt_estimate = req.prompt_token_estimate();
     let hold = match caller {
-        Some(c) => {
-            let estimate = price.cost(&Usage {
-                prompt_tokens: prompt_estimate,
-                completion_tokens: max_out,
-                ..Usage::default()
-            });
-            Some(
-                st.billing
-                    .reserve(
-                        &c.account_id,
-                        &c.key_id,
-                        request_id,
-                        &req.model,
-                        estimate,
-                        price,
-                    )
-                    .await?,
-            )
-        }
+        Some(c) => Some(
+            st.billing
+                .reserve(
+                    &c.account_id,
+                    &c.key_id,
+                    request_id,
+                    &req.model,
+                    estimate,
+                    price,
+                )
+                .await?,
+        ),
         None => None,
     };
     let billing = Billed {
         hold,
+        admitted,
         prompt_estimate,
     };
     dispatch(st, pick, req, provider, billing).await
@@ -235,16 +252,23 @@ pub async fn chat(
 /// What billing needs to follow a request to its end.
 struct Billed {
     hold: Option<Hold>,
+    /// The key's place under its limits, until the request ends.
+    admitted: Option<crate::limits::Admitted>,
     prompt_estimate: u64,
 }
 
 impl Billed {
     /// Settle on success; an unbilled request costs nothing.
     async fn settle(self, usage: Usage) -> Result<Option<Credits>, ApiError> {
-        match self.hold {
-            Some(h) => Ok(Some(h.settle(usage).await?)),
-            None => Ok(None),
+        let cost = match self.hold {
+            Some(h) => Some(h.settle(usage).await?),
+            None => None,
+        };
+        if let Some(a) = self.admitted {
+            let tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+            a.finish(tokens, cost.unwrap_or_default());
         }
+        Ok(cost)
     }
 
     async fn release(self) {

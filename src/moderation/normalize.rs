@@ -67,41 +67,76 @@ fn leet(c: char) -> Option<char> {
     })
 }
 
+/// An ASCII control byte that normalization drops (not a line break or a tab).
+const CONTROL: u8 = 1;
+/// A byte that leetspeak uses for a letter.
+const LEET: u8 = 2;
+
+/// `CONTROL` and `LEET` of every byte.
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if (c < 0x20 && !matches!(c, b'\n' | b'\t' | b'\r')) || c == 0x7f {
+            t[b] = CONTROL;
+        }
+        if c.is_ascii_digit() || matches!(c, b'!' | b'|' | b'@' | b'$' | b'+') {
+            t[b] = LEET;
+        }
+        b += 1;
+    }
+    t
+};
+
 /// Normalize a text for screening.
 pub fn normalize(text: &str) -> String {
-    let mut folded = String::with_capacity(text.len());
     if text.is_ascii() {
-        let control = |b: u8| (b < 0x20 && !matches!(b, b'\n' | b'\t' | b'\r')) || b == 0x7f;
-        if text.bytes().any(control) {
-            folded.extend(
-                text.bytes()
-                    .filter(|b| !control(*b))
-                    .map(|b| char::from(b.to_ascii_lowercase())),
-            );
-        } else {
-            folded = text.to_ascii_lowercase();
+        return normalize_ascii(text);
+    }
+    let mut folded = String::with_capacity(text.len());
+    for c in text.nfkc() {
+        if invisible(c) {
+            continue;
         }
-    } else {
-        for c in text.nfkc() {
-            if invisible(c) {
-                continue;
-            }
-            for l in c.to_lowercase() {
-                folded.push(confusable(l).unwrap_or(l));
-            }
+        for l in c.to_lowercase() {
+            folded.push(confusable(l).unwrap_or(l));
         }
     }
-    join_spaced(&unleet(&folded))
+    join_spaced(unleet(folded))
+}
+
+/// Plain ASCII: one look at every byte says which steps can change anything; the usual prompt
+/// (no control bytes, no digits or leetspeak symbols, no spaced letters) is lowercased in one
+/// copy and the other steps are skipped.
+fn normalize_ascii(text: &str) -> String {
+    let class = text
+        .bytes()
+        .fold(0u8, |acc, b| acc | BYTE_CLASS[usize::from(b)]);
+    let folded = if class & CONTROL != 0 {
+        text.bytes()
+            .filter(|b| BYTE_CLASS[usize::from(*b)] & CONTROL == 0)
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect()
+    } else {
+        text.to_ascii_lowercase()
+    };
+    let unleeted = if class & LEET != 0 {
+        unleet(folded)
+    } else {
+        folded
+    };
+    join_spaced(unleeted)
 }
 
 /// Map leetspeak inside words that mix letters with digits or symbols.
-fn unleet(text: &str) -> String {
+fn unleet(text: String) -> String {
     // Fast path: nothing that could be leetspeak.
     if !text
         .bytes()
         .any(|b| b.is_ascii_digit() || matches!(b, b'!' | b'|' | b'@' | b'$' | b'+'))
     {
-        return text.to_string();
+        return text;
     }
     let mut out = String::with_capacity(text.len());
     let mut word = String::new();
@@ -140,10 +175,10 @@ fn unleet(text: &str) -> String {
 }
 
 /// Join runs of three or more single letters separated by one space, dot, dash or underscore.
-fn join_spaced(text: &str) -> String {
+fn join_spaced(text: String) -> String {
     // Fast path: no single letter between separators followed by another one.
     if !has_spaced_run(text.as_bytes()) {
-        return text.to_string();
+        return text;
     }
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
@@ -189,12 +224,27 @@ fn has_spaced_run(b: &[u8]) -> bool {
     if !b.is_ascii() {
         return true;
     }
-    let alone = |i: usize| -> bool {
-        b.get(i).is_some_and(u8::is_ascii_alphabetic)
-            && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
-            && b.get(i + 1).is_none_or(|c| !c.is_ascii_alphanumeric())
+    // A lone letter is a run of one letter between non-alphanumeric bytes (so two of them are
+    // at least two bytes apart). `alone(at)` records one and says whether the two before it
+    // stand two and four bytes back.
+    let mut lone: [Option<usize>; 2] = [None, None]; // the latest first
+    let mut alone = |at: usize| -> bool {
+        let run = at >= 4 && lone == [Some(at - 2), Some(at - 4)];
+        lone = [Some(at), lone[0]];
+        run
     };
-    (0..b.len()).any(|i| alone(i) && alone(i + 2) && alone(i + 4))
+    let mut len = 0usize; // of the current letter-or-digit run
+    for (i, c) in b.iter().enumerate() {
+        if c.is_ascii_alphanumeric() {
+            len += 1;
+            continue;
+        }
+        if len == 1 && b[i - 1].is_ascii_alphabetic() && alone(i - 1) {
+            return true;
+        }
+        len = 0;
+    }
+    len == 1 && b[b.len() - 1].is_ascii_alphabetic() && alone(b.len() - 1)
 }
 
 #[cfg(test)]
@@ -218,5 +268,29 @@ mod tests {
         assert_eq!(normalize("stop it!"), "stop it!");
         assert_eq!(normalize("sh!t"), "shit");
         assert_eq!(normalize("you are trash!!"), "you are trash!!");
+        assert_eq!(normalize("a\u{7}b\u{0}c d"), "abc d");
+    }
+
+    #[test]
+    fn spaced_run_test_agrees_with_its_definition() {
+        // Lone letters at i, i + 2 and i + 4, by the definition, on every short text over a
+        // small alphabet.
+        let plain = |b: &[u8]| {
+            let alone = |i: usize| {
+                b.get(i).is_some_and(u8::is_ascii_alphabetic)
+                    && (i == 0 || !b[i - 1].is_ascii_alphanumeric())
+                    && b.get(i + 1).is_none_or(|c| !c.is_ascii_alphanumeric())
+            };
+            (0..b.len()).any(|i| alone(i) && alone(i + 2) && alone(i + 4))
+        };
+        let alphabet = [b'a', b'1', b' ', b'.'];
+        for len in 0..=8u32 {
+            for n in 0..4usize.pow(len) {
+                let text: Vec<u8> = (0..len)
+                    .map(|k| alphabet[(n / 4usize.pow(k)) % 4])
+                    .collect();
+                assert_eq!(super::has_spaced_run(&text), plain(&text), "{text:?}");
+            }
+        }
     }
 }

@@ -28,6 +28,10 @@ fn screening(c: &mut Criterion) {
     g.bench_function("screen_2kb_benign", |b| {
         b.iter(|| compiled.screen(&text, "default"))
     });
+    // The first step of screening on its own, to see its share.
+    g.bench_function("normalize_2kb_benign", |b| {
+        b.iter(|| tollgate::moderation::normalize::normalize(&text))
+    });
     g.finish();
 }
 

@@ -72,7 +72,12 @@ const CONTROL: u8 = 1;
 /// A byte that leetspeak uses for a letter.
 const LEET: u8 = 2;
 
-/// `CONTROL` and `LEET` of every byte.
+/// An ASCII letter or digit.
+const ALNUM: u8 = 4;
+/// An ASCII letter.
+const ALPHA: u8 = 8;
+
+/// `CONTROL`, `LEET`, `ALNUM` and `ALPHA` of every byte.
 const BYTE_CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut b = 0;
@@ -83,6 +88,12 @@ const BYTE_CLASS: [u8; 256] = {
         }
         if c.is_ascii_digit() || matches!(c, b'!' | b'|' | b'@' | b'$' | b'+') {
             t[b] = LEET;
+        }
+        if c.is_ascii_alphanumeric() {
+            t[b] |= ALNUM;
+        }
+        if c.is_ascii_alphabetic() {
+            t[b] |= ALPHA;
         }
         b += 1;
     }
@@ -112,7 +123,8 @@ pub fn normalize(text: &str) -> String {
 fn normalize_ascii(text: &str) -> String {
     let class = text
         .bytes()
-        .fold(0u8, |acc, b| acc | BYTE_CLASS[usize::from(b)]);
+        .fold(0u8, |acc, b| acc | BYTE_CLASS[usize::from(b)])
+        & (CONTROL | LEET);
     let folded = if class & CONTROL != 0 {
         text.bytes()
             .filter(|b| BYTE_CLASS[usize::from(*b)] & CONTROL == 0)
@@ -234,17 +246,18 @@ fn has_spaced_run(b: &[u8]) -> bool {
         run
     };
     let mut len = 0usize; // of the current letter-or-digit run
-    for (i, c) in b.iter().enumerate() {
-        if c.is_ascii_alphanumeric() {
+    let class = |i: usize| BYTE_CLASS[usize::from(b[i])];
+    for i in 0..b.len() {
+        if class(i) & ALNUM != 0 {
             len += 1;
             continue;
         }
-        if len == 1 && b[i - 1].is_ascii_alphabetic() && alone(i - 1) {
+        if len == 1 && class(i - 1) & ALPHA != 0 && alone(i - 1) {
             return true;
         }
         len = 0;
     }
-    len == 1 && b[b.len() - 1].is_ascii_alphabetic() && alone(b.len() - 1)
+    len == 1 && class(b.len() - 1) & ALPHA != 0 && alone(b.len() - 1)
 }
 
 #[cfg(test)]

@@ -249,6 +249,17 @@ fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
+/// `is_word_char` of every ASCII byte.
+const WORD_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 128 {
+        t[b] = (b as u8).is_ascii_alphanumeric() || b == b'_' as usize;
+        b += 1;
+    }
+    t
+};
+
 /// Word index of every byte offset: words are runs of word characters.
 fn word_index(text: &str) -> Vec<u32> {
     if text.is_ascii() {
@@ -256,7 +267,7 @@ fn word_index(text: &str) -> Vec<u32> {
         let mut idx = vec![0u32; text.len() + 1];
         let (mut w, mut in_word) = (0u32, false);
         for (slot, b) in idx.iter_mut().zip(text.bytes()) {
-            let wc = b.is_ascii_alphanumeric() || b == b'_';
+            let wc = WORD_BYTE[usize::from(b)];
             w += u32::from(wc && !in_word);
             in_word = wc;
             *slot = w;
@@ -516,6 +527,9 @@ impl Compiled {
         let terms = AhoCorasickBuilder::new()
             .match_kind(MatchKind::Standard)
             .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+            // Thousands of terms start with every letter: a start-byte prefilter only adds a
+            // call at every word.
+            .prefilter(false)
             .build(&term_list)
             .map_err(|e| {
                 vec![PolicyError::new(
@@ -794,9 +808,11 @@ impl Compiled {
                 let rule = &self.rules[rule_idx];
                 found.sort_by_key(|f| f.1);
                 // Sliding window over matches in text order: all groups within `window` words.
+                let mut seen = Vec::with_capacity(rule.groups);
                 for (i, first) in found.iter().enumerate() {
                     let w0 = words[first.1];
-                    let mut seen = vec![false; rule.groups];
+                    seen.clear();
+                    seen.resize(rule.groups, false);
                     let mut end = first.2;
                     for f in &found[i..] {
                         if (words[f.1] as usize).saturating_sub(w0 as usize) > rule.window {

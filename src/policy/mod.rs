@@ -264,17 +264,16 @@ const WORD_BYTE: [bool; 256] = {
 fn word_index(text: &str) -> Vec<u32> {
     if text.is_ascii() {
         // One byte, one character: no decoding.
-        let mut idx = vec![0u32; text.len() + 1];
+        // Filled in one pass, not zeroed first.
+        let mut idx = Vec::with_capacity(text.len() + 1);
         let (mut w, mut in_word) = (0u32, false);
-        for (slot, b) in idx.iter_mut().zip(text.bytes()) {
+        idx.extend(text.bytes().map(|b| {
             let wc = WORD_BYTE[usize::from(b)];
             w += u32::from(wc && !in_word);
             in_word = wc;
-            *slot = w;
-        }
-        if let Some(last) = idx.last_mut() {
-            *last = w;
-        }
+            w
+        }));
+        idx.push(w);
         return idx;
     }
     let mut idx = vec![0u32; text.len() + 1];
@@ -736,11 +735,17 @@ impl Compiled {
                 }
             }
         }
-        let words = word_index(text);
+        // Word counts are needed only for quotes, exception reach and co-occurrence windows;
+        // most texts need none of them.
+        let word_cell = std::cell::OnceCell::new();
+        let words = || -> &[u32] { word_cell.get_or_init(|| word_index(text)) };
         // Quoted stretches, when the text also has words outside quotes.
         let quotes: Vec<usize> = text.match_indices('"').map(|(i, _)| i).collect();
         let quoted: Vec<(usize, usize)> = quotes.chunks_exact(2).map(|q| (q[0], q[1])).collect();
-        let outside_words = {
+        let outside_words = if quoted.is_empty() {
+            0 // unused: nothing is quoted
+        } else {
+            let words = words();
             let mut inside = 0u32;
             for (a, b) in &quoted {
                 inside += words[*b].saturating_sub(words[*a]);
@@ -759,7 +764,10 @@ impl Compiled {
                 self.categories.get(*c) == Some(cat)
                     && ((*xs <= s && e <= *xe)
                         || (s <= *xs && *xe <= e)
-                        || (*xe <= s && words[s].saturating_sub(words[*xe]) <= EXCEPTION_REACH))
+                        || (*xe <= s && {
+                            let words = words();
+                            words[s].saturating_sub(words[*xe]) <= EXCEPTION_REACH
+                        }))
             })
         };
         let mut hits = Vec::new();
@@ -808,7 +816,15 @@ impl Compiled {
                 let rule = &self.rules[rule_idx];
                 found.sort_by_key(|f| f.1);
                 // Sliding window over matches in text order: all groups within `window` words.
-                let mut seen = Vec::with_capacity(rule.groups);
+                // A rule some group of which has no term in the text cannot match.
+                let mut seen = vec![false; rule.groups];
+                for f in &found {
+                    seen[f.0] = true;
+                }
+                if !seen.iter().all(|x| *x) {
+                    continue;
+                }
+                let words = words();
                 for (i, first) in found.iter().enumerate() {
                     let w0 = words[first.1];
                     seen.clear();

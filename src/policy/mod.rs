@@ -1,6 +1,10 @@
 //! Policy files: `policies/*.yaml`, one per category, plus `policies/sets.yaml`. Reads them
-//! strictly, compiles every category into one Aho-Corasick automaton and one `RegexSet`, runs
-//! each file's own examples, and swaps the compiled result in atomically when files change.
+//! strictly, compiles every category into one Aho-Corasick automaton and the rules' patterns,
+//! runs each file's own examples, and swaps the compiled result in atomically when files change.
+//!
+//! The automaton also holds each pattern's required literals (see `literals`): a pattern runs
+//! only on a text where one of them occurs, so a benign text runs few or no regexes. A pattern
+//! whose literals cannot be worked out is matched through a `RegexSet` every time.
 //!
 //! A rule matches by keywords (whole words; CJK text, which has no spaces, by substring), by
 //! regex, or by co-occurrence: a term of every group within a window of words ("a child" with a

@@ -1138,6 +1138,12 @@ mod literals {
     }
 
     fn concat(items: &[Node]) -> Seq {
+        concat_seqs(items.iter().map(seq))
+    }
+
+    /// The literals of a sequence, from those of its items (taken only while a literal is
+    /// still exact).
+    fn concat_seqs(items: impl Iterator<Item = Seq>) -> Seq {
         let mut acc = vec![Lit {
             text: String::new(),
             exact: true,
@@ -1146,7 +1152,7 @@ mod literals {
             if !acc.iter().any(|l| l.exact) {
                 break;
             }
-            acc = match seq(item) {
+            acc = match item {
                 None => inexact(acc),
                 Some(next) => {
                     let mut out = Vec::new();
@@ -1227,9 +1233,11 @@ mod literals {
         } else {
             vec![Node::Alt(top)]
         };
+        // Each item's literals once, for every tail.
+        let seqs: Vec<Seq> = items.iter().map(seq).collect();
         let mut best: Option<(usize, usize, Vec<String>)> = None;
-        for k in 0..items.len() {
-            let Some(lits) = concat(&items[k..]) else {
+        for k in 0..seqs.len() {
+            let Some(lits) = concat_seqs(seqs[k..].iter().cloned()) else {
                 continue;
             };
             let mut texts: Vec<String> = lits.into_iter().map(|l| l.text).collect();

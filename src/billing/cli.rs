@@ -37,32 +37,6 @@ pub enum CreditsCommand {
     },
 }
 
-/// A key's limits (none given: no limit).
-#[derive(Debug, clap::Args)]
-pub struct LimitArgs {
-    #[arg(long)]
-    requests_per_minute: Option<u32>,
-    /// Prompt and maximum output tokens per minute.
-    #[arg(long)]
-    tokens_per_minute: Option<u64>,
-    #[arg(long)]
-    concurrent_requests: Option<u32>,
-    /// Dollars per UTC day, exactly ("5.00").
-    #[arg(long)]
-    spend_per_day_usd: Option<String>,
-}
-
-impl From<LimitArgs> for Limits {
-    fn from(a: LimitArgs) -> Self {
-        Self {
-            requests_per_minute: a.requests_per_minute,
-            tokens_per_minute: a.tokens_per_minute,
-            concurrent_requests: a.concurrent_requests,
-            spend_per_day_usd: a.spend_per_day_usd,
-        }
-    }
-}
-
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Issue a key (shown once).
@@ -80,7 +54,7 @@ pub enum KeysCommand {
         #[arg(long)]
         policy_set: Option<String>,
         #[command(flatten)]
-        limits: LimitArgs,
+        limits: Limits,
     },
     /// List an account's keys (never the secrets).
     List {
@@ -157,7 +131,7 @@ pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()>
                     expires_in_seconds,
                     models,
                     policy_set,
-                    limits: Some(limits.into()),
+                    limits: Some(limits),
                 },
             )
             .await?;

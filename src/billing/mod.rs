@@ -379,14 +379,24 @@ impl Billing {
         Ok(())
     }
 
+    /// Release a hold kept in this gateway's memory, at once; `false` if holds are rows here.
+    fn release_in_memory(&self, account_id: &str, amount: Credits) -> bool {
+        let Some(owned) = &self.owned else {
+            return false;
+        };
+        owned.release(account_id, amount);
+        if let Some(m) = &self.metrics {
+            m.open_reservations(-1);
+        }
+        true
+    }
+
     /// Release a hold: in memory at once, or its row (idempotent).
     async fn release(&self, hold_id: &str, account_id: &str, amount: Credits) {
-        if let Some(owned) = &self.owned {
-            owned.release(account_id, amount);
-            if let Some(m) = &self.metrics {
-                m.open_reservations(-1);
-            }
-        } else if let Err(e) = self.release_row(hold_id).await {
+        if self.release_in_memory(account_id, amount) {
+            return;
+        }
+        if let Err(e) = self.release_row(hold_id).await {
             tracing::error!(reservation = %hold_id, error = %e, "release failed; the sweeper will release it when it expires");
         }
     }
@@ -644,7 +654,11 @@ impl Hold {
             tx.rollback().await?;
             return Ok(false);
         }
-        if !self.insert_charge(&mut *tx, cost, usage).await? {
+        let charge = self.charge(cost, usage);
+        if owned::insert_charges(&mut *tx, std::slice::from_ref(&charge))
+            .await?
+            .is_empty()
+        {
             // Charged already under this request id: this reservation only needs releasing.
             tx.rollback().await?;
             self.billing.release_row(&self.id).await?;
@@ -675,41 +689,6 @@ impl Hold {
         }
     }
 
-    /// Append this request's charge (the trigger moves the balance). `false` if the request was
-    /// charged already: the ledger holds one charge per request id.
-    async fn insert_charge<'e, E>(
-        &self,
-        executor: E,
-        cost: Credits,
-        usage: &Usage,
-    ) -> Result<bool, BillingError>
-    where
-        E: sqlx::Executor<'e, Database = sqlx::Any>,
-    {
-        let inserted = sqlx::query(
-            "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 'charge', $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(ulid::Ulid::new().to_string())
-        .bind(&self.account_id)
-        .bind(&self.key_id)
-        .bind(&self.request_id)
-        .bind(&self.model)
-        .bind(-cost.0)
-        .bind(i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX))
-        .bind(i64::try_from(usage.completion_tokens).unwrap_or(i64::MAX))
-        .bind(i64::try_from(usage.images).unwrap_or(i64::MAX))
-        .bind(i64::try_from(usage.seconds).unwrap_or(i64::MAX))
-        .bind(now_ms())
-        .execute(executor)
-        .await;
-        match inserted {
-            Ok(_) => Ok(true),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Release now, waiting for it (the normal failure path).
     pub async fn release(mut self) {
         self.done = true;
@@ -726,11 +705,10 @@ impl Drop for Hold {
         }
         // A failure, timeout or disconnect dropped the hold: release it in the background. If the
         // process dies first, `reconcile` releases it at the next start (or once expired).
-        if let Some(owned) = &self.billing.owned {
-            owned.release(&self.account_id, self.amount);
-            if let Some(m) = &self.billing.metrics {
-                m.open_reservations(-1);
-            }
+        if self
+            .billing
+            .release_in_memory(&self.account_id, self.amount)
+        {
             return;
         }
         let billing = self.billing.clone();

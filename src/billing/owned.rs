@@ -417,14 +417,14 @@ async fn move_waiting(
         if batch.is_empty() {
             return Ok(());
         }
-        match insert(db, &batch).await {
+        match insert_charges(&db.pool, &batch).await {
             Ok(inserted) => moved(accounts, &batch, &inserted),
             Err(error) => {
                 tracing::error!(%error, charges = batch.len(), "moving charges into the ledger failed; they stay journaled");
                 let mut failed = Vec::new();
                 let mut last = error;
                 for c in batch {
-                    match insert(db, std::slice::from_ref(&c)).await {
+                    match insert_charges(&db.pool, std::slice::from_ref(&c)).await {
                         Ok(inserted) => moved(accounts, std::slice::from_ref(&c), &inserted),
                         Err(e) => {
                             last = e;
@@ -489,16 +489,22 @@ async fn recover(db: &Db, path: &Path) -> Result<u64, BillingError> {
     }
     let mut moved = 0;
     for chunk in charges.chunks(MAX_BATCH) {
-        moved += insert(db, chunk).await?.len() as u64;
+        moved += insert_charges(&db.pool, chunk).await?.len() as u64;
     }
     std::fs::write(path, b"").map_err(|e| io_error("emptying the charge journal", e))?;
     Ok(moved)
 }
 
-/// One statement for the whole batch (one transaction in SQLite, the ledger trigger moving
-/// each account's balance row by row); a request charged already is skipped. Returns the
-/// request ids inserted.
-async fn insert(db: &Db, batch: &[Charge]) -> Result<HashSet<String>, sqlx::Error> {
+/// Append charges to the ledger in one statement (the ledger trigger moves each account's
+/// balance row by row); a request charged already is skipped. Returns the request ids
+/// inserted. The one place charges are written, on both backends.
+pub(super) async fn insert_charges<'e, E>(
+    executor: E,
+    batch: &[Charge],
+) -> Result<HashSet<String>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     const COLUMNS: usize = 11;
     let mut sql = String::from(
         "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) VALUES ",
@@ -541,7 +547,7 @@ async fn insert(db: &Db, batch: &[Charge]) -> Result<HashSet<String>, sqlx::Erro
             .bind(c.seconds)
             .bind(c.created_at);
     }
-    Ok(q.fetch_all(&db.pool).await?.into_iter().collect())
+    Ok(q.fetch_all(executor).await?.into_iter().collect())
 }
 
 async fn reload(db: &Db, accounts: &Accounts, account_id: &str) -> Result<(), BillingError> {

@@ -18,18 +18,26 @@ use crate::store::now_ms;
 pub const WINDOW: Duration = Duration::from_secs(60);
 const DAY_MS: i64 = 86_400_000;
 
-/// What a key is allowed; every field optional (none: no limit).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a key is allowed; every field optional (none: no limit). The same fields are the admin
+/// API's `limits` object and the CLI's `keys create` flags.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub requests_per_minute: Option<u32>,
+    /// Prompt and maximum output tokens per minute.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub concurrent_requests: Option<u32>,
     /// Dollars per UTC day, exactly ("5.00").
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub spend_per_day_usd: Option<String>,
 }
 

@@ -9,9 +9,8 @@
     clippy::disallowed_methods
 )]
 
-mod common;
 
-use common::*;
+use crate::common::*;
 
 const GUESTS: &[&str] = &[
     "tg_spin",

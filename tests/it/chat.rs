@@ -8,11 +8,10 @@
     clippy::disallowed_methods
 )]
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 
 #[tokio::test]

@@ -9,13 +9,12 @@
     clippy::disallowed_methods
 )]
 
-mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// Put a file in place atomically (write beside it, then rename), as operators should.
 fn drop_in(src: &std::path::Path, dest: &std::path::Path) {

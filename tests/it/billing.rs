@@ -10,13 +10,12 @@
     clippy::disallowed_methods
 )]
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use tollgate::admin::keys::{self, NewKey};
 use tollgate::billing::{Billing, Credits};

@@ -1,0 +1,12 @@
+//! The integration tests as one binary (one link of wasmtime instead of one per file): each
+//! module is one area of the gateway, run against real servers on 127.0.0.1.
+
+mod billing;
+mod chat;
+mod cli;
+mod common;
+mod hot_reload;
+mod openai_sdk;
+mod policy;
+mod sandbox;
+mod tidy;

@@ -44,6 +44,8 @@ pub struct AppState {
     pub billing: Billing,
     pub limiter: crate::limits::Limiter,
     pub moderator: crate::moderation::Moderator,
+    /// Bytes of request bodies held at once (`server.max_inflight_body_bytes`).
+    pub body_budget: server::listen::BodyBudget,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -102,6 +104,10 @@ impl AppState {
         let routing = Routing::new(&config.routes, plugins);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);
+        let body_budget = server::listen::BodyBudget::new(
+            config.server.max_inflight_body_bytes,
+            config.server.max_body_bytes,
+        );
         Ok(Arc::new(Self {
             config: Arc::new(config),
             routing,
@@ -111,6 +117,7 @@ impl AppState {
             billing,
             limiter: crate::limits::Limiter::new(),
             moderator,
+            body_budget,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
         }))
@@ -127,7 +134,12 @@ impl AppState {
                 .config_digest
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if digest.is_none() || *last == digest {
+            if digest.is_none() {
+                self.metrics.config_reload("refused");
+                tracing::warn!(file = %path.display(), "config file cannot be read; the previous channels and models keep serving");
+                return;
+            }
+            if *last == digest {
                 return;
             }
             *last = digest;
@@ -231,13 +243,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if let Some(path) = state.config.source.clone() {
         let weak = Arc::downgrade(&state);
         let file = std::fs::canonicalize(&path).unwrap_or(path);
-        // Editors replace files by rename: watch the folder and look at our file on any change.
-        let dir = file
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_else(|| ".".into());
         watches.push(
-            crate::watch::spawn(vec![dir], move || {
+            crate::watch::spawn_file(file, move || {
                 if let Some(st) = weak.upgrade() {
                     st.reload_routes();
                 }
@@ -265,10 +272,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         addr: operator_listen,
         source,
     })?;
-    // Small responses and SSE frames must leave at once: no Nagle delay on accepted sockets.
-    let public = public.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    // Small responses and SSE frames must leave at once: no Nagle delay on accepted sockets
+    // (the public listener sets it on each connection it accepts).
     let operator = operator.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
@@ -276,15 +281,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tasks = tokio_util::task::TaskTracker::new();
     let app = public_router(state.clone());
     let op = operator_router(state.clone());
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
-        let r = axum::serve(public, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "public listener failed");
-        }
-    });
+    tasks.spawn(server::listen::serve(
+        public,
+        app,
+        state.config.server.clone(),
+        state.metrics.clone(),
+        shutdown.clone(),
+    ));
     let stop = shutdown.clone();
     tasks.spawn(async move {
         let r = axum::serve(operator, op)

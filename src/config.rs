@@ -168,6 +168,32 @@ struct RawServer {
     max_body_bytes: usize,
     #[serde(default = "default_request_timeout")]
     request_timeout: String,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout: String,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout: String,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_inflight_body")]
+    max_inflight_body_bytes: usize,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace: String,
+}
+
+fn default_header_read_timeout() -> String {
+    "10s".into()
+}
+fn default_body_read_timeout() -> String {
+    "30s".into()
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_inflight_body() -> usize {
+    256 * 1024 * 1024
+}
+fn default_shutdown_grace() -> String {
+    "30s".into()
 }
 
 fn default_max_body() -> usize {
@@ -349,6 +375,17 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// A connection must send a request's headers within this (also while idle between requests).
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive whole within this (408 otherwise).
+    pub body_read_timeout: Duration,
+    /// Open connections on the public listener; more are answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Bytes of request bodies held at once, over every request; a body that would pass it
+    /// gets a 503 with `Retry-After`.
+    pub max_inflight_body_bytes: usize,
+    /// On SIGTERM: how long requests and streams in flight may finish before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -537,6 +574,12 @@ impl RawConfig {
             }
         };
         let request_timeout = dur("server.request_timeout", &self.server.request_timeout);
+        let header_read_timeout = dur(
+            "server.header_read_timeout",
+            &self.server.header_read_timeout,
+        );
+        let body_read_timeout = dur("server.body_read_timeout", &self.server.body_read_timeout);
+        let shutdown_grace = dur("server.shutdown_grace", &self.server.shutdown_grace);
         let call_timeout = dur("plugins.call_timeout", &self.plugins.call_timeout);
         let connect_timeout = dur("upstream.connect_timeout", &self.upstream.connect_timeout);
         let up_timeout = dur("upstream.timeout", &self.upstream.timeout);
@@ -552,6 +595,15 @@ impl RawConfig {
 
         if self.server.max_body_bytes == 0 {
             problems.push("server.max_body_bytes: must be above 0".into());
+        }
+        if self.server.max_connections == 0 {
+            problems.push("server.max_connections: must be above 0".into());
+        }
+        if self.server.max_inflight_body_bytes < self.server.max_body_bytes {
+            problems.push(format!(
+                "server.max_inflight_body_bytes: must be at least server.max_body_bytes ({})",
+                self.server.max_body_bytes
+            ));
         }
         if self.plugins.memory_limit_bytes < 1024 * 1024 {
             problems.push("plugins.memory_limit_bytes: must be at least 1048576 (1 MiB)".into());
@@ -584,6 +636,11 @@ impl RawConfig {
                 listen,
                 max_body_bytes: self.server.max_body_bytes,
                 request_timeout,
+                header_read_timeout,
+                body_read_timeout,
+                max_connections: self.server.max_connections,
+                max_inflight_body_bytes: self.server.max_inflight_body_bytes,
+                shutdown_grace,
             },
             operator: OperatorConfig {
                 listen: op_listen,

@@ -29,6 +29,10 @@ pub enum RequestError {
     TooLarge { limit: usize },
     #[error("unsupported media type: send `Content-Type: application/json`")]
     UnsupportedMediaType,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("the gateway is holding as many request bodies as it may; retry shortly")]
+    Busy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +78,8 @@ impl ApiError {
             Self::Request(RequestError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             Self::Request(RequestError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Request(RequestError::UnsupportedMediaType) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Request(RequestError::BodyTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            Self::Request(RequestError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Routing(RoutingError::UnknownModel(_)) => StatusCode::NOT_FOUND,
             Self::Auth(e) => match e {
                 AuthError::Missing
@@ -129,6 +135,8 @@ impl ApiError {
             Self::Request(RequestError::Invalid { .. }) => "invalid_request",
             Self::Request(RequestError::TooLarge { .. }) => "request_too_large",
             Self::Request(RequestError::UnsupportedMediaType) => "unsupported_media_type",
+            Self::Request(RequestError::BodyTimeout(_)) => "body_timeout",
+            Self::Request(RequestError::Busy) => "server_busy",
             Self::Routing(RoutingError::UnknownModel(_)) => "model_not_found",
             Self::Auth(e) => match e {
                 AuthError::Missing => "missing_api_key",
@@ -239,6 +247,7 @@ impl ApiError {
             Self::Limit(LimitError::Exceeded(e)) => e
                 .retry_after()
                 .map(|d| d.as_millis().div_ceil(1000).max(1) as u64),
+            Self::Request(RequestError::Busy) => Some(1),
             _ => None,
         }
     }

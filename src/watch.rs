@@ -19,11 +19,41 @@ pub struct Watch {
 
 /// Watch `paths` (folders or files, non-recursively) and run `on_change` after changes settle.
 pub fn spawn(paths: Vec<PathBuf>, on_change: impl Fn() + Send + 'static) -> Result<Watch, String> {
+    spawn_filtered(paths, None, on_change)
+}
+
+/// Watch one file: its folder is watched (editors replace files by rename, which a watch on the
+/// file itself would lose), but only events that name the file count, so a busy neighbour (a
+/// database in the same folder) neither triggers nor delays the callback.
+pub fn spawn_file(file: PathBuf, on_change: impl Fn() + Send + 'static) -> Result<Watch, String> {
+    let dir = file
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| ".".into());
+    let name = file
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .ok_or_else(|| format!("{} names no file", file.display()))?;
+    spawn_filtered(vec![dir], Some(name), on_change)
+}
+
+fn spawn_filtered(
+    paths: Vec<PathBuf>,
+    only: Option<std::ffi::OsString>,
+    on_change: impl Fn() + Send + 'static,
+) -> Result<Watch, String> {
     let (tx, rx) = mpsc::channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res
-            && !matches!(ev.kind, notify::EventKind::Access(_))
-        {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let wanted = only.as_ref().is_none_or(|name| {
+            ev.paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
+        });
+        if wanted {
             let _ = tx.send(());
         }
     })

@@ -1,3 +1,153 @@
-//! The request path as plain calls, one file per API. Handlers in `server` call these.
+//! The request path as typed steps that every route composes, always in this order:
+//!
+//! 1. the route parses its body once into a [`Call`] (`Body`: the client's JSON text for the
+//!    plugin, and the parsed value every later step reads), with what it may use ([`Need`]);
+//! 2. [`admission::admit`]: the model's route and plugin, who may call it (anonymous models, the
+//!    key's allow-list), the estimate at the model's price, the key's limits → [`admission::Admitted`];
+//! 3. [`screen::screen`]: the caller's policy set over the route's prompt fields → [`screen::Screened`];
+//! 4. [`money::reserve`]: the estimate reserved on the account → [`money::Reserved`];
+//! 5. [`dispatch::dispatch`]: the plugin session, the upstream call, the answer checked →
+//!    [`dispatch::Dispatched`], which the route settles ([`money::Bill`]) or relays as a stream
+//!    ([`relay`]).
+//!
+//! Each step accepts only the type the step before it returns, and only that step can make it:
+//! a request cannot be dispatched unscreened or unreserved. Why this order: admission is the
+//! cheapest refusal and needs no prompt text; screening refuses before any money moves; the
+//! reservation comes last before the upstream so a refused request never holds credits.
 
+pub mod admission;
 pub mod chat;
+pub mod dispatch;
+pub mod embeddings;
+pub mod models;
+pub mod money;
+pub mod relay;
+pub mod screen;
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde_json::Value;
+
+use crate::billing::Credits;
+use crate::error::ApiError;
+
+/// A request body parsed once: the client's JSON text untouched (the plugin translates it; the
+/// host never re-serializes it) and its parsed value (validation, screening).
+#[derive(Debug)]
+pub struct Body {
+    pub raw: String,
+    pub json: Value,
+}
+
+impl Body {
+    /// A UTF-8 JSON object, or a 400 saying what is wrong.
+    pub fn parse(bytes: Bytes) -> Result<Self, ApiError> {
+        let raw = String::from_utf8(Vec::from(bytes))
+            .map_err(|_| ApiError::invalid("the request body is not valid UTF-8", None))?;
+        let json: Value = serde_json::from_str(&raw).map_err(|e| {
+            ApiError::invalid(
+                format!("the request body is not a valid JSON object: {e}"),
+                None,
+            )
+        })?;
+        if !json.is_object() {
+            return Err(ApiError::invalid(
+                "the request body is not a valid JSON object",
+                None,
+            ));
+        }
+        Ok(Self { raw, json })
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.json.get(name).filter(|v| !v.is_null())
+    }
+
+    /// The required, non-empty string `model`.
+    pub fn model(&self) -> Result<String, ApiError> {
+        match self.json.get("model") {
+            None => Err(ApiError::invalid(
+                "you must provide a model parameter",
+                Some("model"),
+            )),
+            Some(Value::String(m)) if !m.trim().is_empty() => Ok(m.clone()),
+            Some(_) => Err(ApiError::invalid(
+                "`model` must be a non-empty string",
+                Some("model"),
+            )),
+        }
+    }
+
+    /// An optional positive integer field.
+    pub fn positive(&self, name: &'static str) -> Result<Option<u64>, ApiError> {
+        match self.field(name) {
+            None => Ok(None),
+            Some(v) => v.as_u64().filter(|n| *n > 0).map(Some).ok_or_else(|| {
+                ApiError::invalid(format!("`{name}` must be a positive integer"), Some(name))
+            }),
+        }
+    }
+
+    /// An optional boolean field (absent or null: false).
+    pub fn flag(&self, name: &'static str) -> Result<bool, ApiError> {
+        match self.field(name) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(
+                format!("`{name}` must be a boolean"),
+                Some(name),
+            )),
+        }
+    }
+}
+
+/// The most a request may use, as the route reads it from the body (before the price is known).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Need {
+    /// An upper estimate of the prompt's tokens.
+    pub prompt_tokens: u64,
+    /// The client's output cap, if it set one (else the model's, else the configured default).
+    pub max_output_tokens: Option<u64>,
+    /// Whether the route produces output tokens at all (embeddings do not).
+    pub output: bool,
+    /// How many outputs one request asks for (`n`): each may use the output cap.
+    pub outputs: u64,
+}
+
+/// One request of a route, validated: what every step reads.
+#[derive(Debug)]
+pub struct Call {
+    /// The public path (metrics, moderation record).
+    pub route: &'static str,
+    /// The plugin's kind of request: "chat", "embedding".
+    pub kind: &'static str,
+    pub model: String,
+    pub stream: bool,
+    pub body: Body,
+    pub need: Need,
+    pub request_id: String,
+}
+
+/// What a route answers: a whole JSON body, or a stream of SSE frames ready for the wire.
+pub enum Reply {
+    Json {
+        body: String,
+        /// What the request cost (`None` for an anonymous, unbilled request).
+        cost: Option<Credits>,
+    },
+    Stream(FrameStream),
+}
+
+/// A route's answer and the provider that served it (a metric label).
+pub struct Served {
+    pub reply: Reply,
+    pub provider: String,
+}
+
+pub type FrameStream = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
+
+pub fn is_success(status: u16) -> bool {
+    (200..300).contains(&status)
+}

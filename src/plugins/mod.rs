@@ -167,22 +167,13 @@ pub enum AuthScheme {
     Query(String),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ModelPrice {
-    pub input_per_token: u64,
-    pub output_per_token: u64,
-    pub per_image: u64,
-    pub per_second: u64,
-    pub per_request: u64,
-}
-
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub id: String,
     pub kinds: Vec<String>,
     pub context_window: Option<u32>,
     pub max_output_tokens: Option<u32>,
-    pub price: Option<ModelPrice>,
+    pub price: Option<crate::billing::Price>,
 }
 
 /// A compiled, pre-instantiated provider component and its manifest.
@@ -629,7 +620,7 @@ fn model_info(m: wtypes::ModelInfo) -> ModelInfo {
         kinds: m.kinds,
         context_window: m.context_window,
         max_output_tokens: m.max_output_tokens,
-        price: m.price.map(|p| ModelPrice {
+        price: m.price.map(|p| crate::billing::Price {
             input_per_token: p.input_per_token,
             output_per_token: p.output_per_token,
             per_image: p.per_image,

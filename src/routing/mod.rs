@@ -43,6 +43,22 @@ pub struct Route {
 }
 
 impl Route {
+    /// The price billed for this model: the configured one, else the one the serving plugin's
+    /// manifest declares for the upstream model; `None` if neither says.
+    pub fn price_with(&self, plugin: Option<&Plugin>) -> Option<crate::billing::Price> {
+        self.price
+            .or_else(|| self.model_info(plugin?).and_then(|m| m.price))
+    }
+
+    /// What a plugin's manifest says about this route's upstream model.
+    pub fn model_info<'p>(&self, plugin: &'p Plugin) -> Option<&'p crate::plugins::ModelInfo> {
+        plugin
+            .manifest
+            .models
+            .iter()
+            .find(|m| m.id == self.upstream_model)
+    }
+
     /// What the plugin is told about the channel: never the credential.
     pub fn context(&self) -> ChannelContext {
         ChannelContext {
@@ -61,30 +77,16 @@ pub struct Pick {
 }
 
 impl Pick {
-    /// The model's price: config first, then what the plugin's manifest declares, else free.
+    /// The model's price as billed (see [`Route::price_with`]).
     pub fn price(&self) -> crate::billing::Price {
-        if let Some(p) = self.route.price {
-            return p;
-        }
-        self.model_info()
-            .and_then(|m| m.price.as_ref())
-            .map(|p| crate::billing::Price {
-                input_per_token: p.input_per_token,
-                output_per_token: p.output_per_token,
-                per_image: p.per_image,
-                per_second: p.per_second,
-                per_request: p.per_request,
-            })
+        self.route
+            .price_with(Some(&self.plugin))
             .unwrap_or_default()
     }
 
     /// What the plugin's manifest says about the upstream model.
     pub fn model_info(&self) -> Option<&crate::plugins::ModelInfo> {
-        self.plugin
-            .manifest
-            .models
-            .iter()
-            .find(|m| m.id == self.route.upstream_model)
+        self.route.model_info(&self.plugin)
     }
 }
 

@@ -3,6 +3,8 @@
 //! Handlers turn HTTP into pipeline calls and pipeline results into HTTP; they parse no provider
 //! JSON and call no upstream themselves.
 
+pub mod listen;
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -19,7 +21,8 @@ use serde_json::json;
 use crate::app::SharedState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
-use crate::pipeline::chat::{self, ChatReply, ChatRequest};
+use crate::pipeline::{self, Call, FrameStream, Reply, Served, chat, embeddings, models};
+use listen::BodyPermit;
 
 /// The request id header; ours on every request and response.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -43,7 +46,8 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 pub fn public_routes() -> Router<SharedState> {
     Router::new()
         .route(chat::ROUTE, post(chat_completions))
-        .route("/v1/models", get(list_models))
+        .route(embeddings::ROUTE, post(embeddings))
+        .route(models::ROUTE, get(list_models))
         .route("/v1/balance", get(balance))
         .route("/v1/usage", get(usage))
         .route("/v1/models/{id}", get(get_model))
@@ -60,20 +64,36 @@ pub fn operator_routes() -> Router<SharedState> {
         .route("/readyz", get(readyz))
 }
 
-/// The raw body, with a too-large or unreadable body turned into our error body.
-pub struct RawBody(pub Bytes);
+/// The raw body, read whole within `server.body_read_timeout` (408 otherwise), holding its
+/// share of `server.max_inflight_body_bytes` until dropped (503 when there is no room), with a
+/// too-large or unreadable body turned into our error body.
+pub struct RawBody(pub Bytes, pub BodyPermit);
 
-impl<S: Send + Sync> FromRequest<S> for RawBody {
+impl FromRequest<SharedState> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Bytes::from_request(req, state).await {
-            Ok(b) => Ok(Self(b)),
+    async fn from_request(req: Request, st: &SharedState) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let limit = st.config.server.max_body_bytes;
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(RequestError::TooLarge { limit }.into());
+        }
+        let permit = st.body_budget.take(declared).ok_or(RequestError::Busy)?;
+        let wait = st.config.server.body_read_timeout;
+        let read = tokio::time::timeout(wait, Bytes::from_request(req, st))
+            .await
+            .map_err(|_| RequestError::BodyTimeout(wait))?;
+        match read {
+            Ok(b) => Ok(Self(b, permit)),
             Err(BytesRejection::FailedToBufferBody(e)) => {
                 let too_large = e.body_text().to_ascii_lowercase().contains("length limit")
                     || e.status() == StatusCode::PAYLOAD_TOO_LARGE;
                 if too_large {
-                    Err(RequestError::TooLarge { limit: 0 }.into())
+                    Err(RequestError::TooLarge { limit }.into())
                 } else {
                     Err(ApiError::invalid(
                         "the request body could not be read",
@@ -103,9 +123,12 @@ async fn caller_of(st: &SharedState, headers: &HeaderMap) -> Result<Option<Calle
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
     let bearer = value.to_str().ok().and_then(|v| {
-        v.strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
+        let (scheme, credential) = v.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| credential.trim_start())
     });
     Ok(Some(st.auth.authenticate(bearer).await?))
 }
@@ -121,32 +144,68 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> Response {
+    pipeline_route(
+        st,
+        &headers,
+        body,
+        chat::ROUTE,
+        chat::parse,
+        |st, caller, call| async move { chat::run(&st, caller, call).await },
+    )
+    .await
+}
+
+async fn embeddings(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<RawBody, ApiError>,
+) -> Response {
+    pipeline_route(
+        st,
+        &headers,
+        body,
+        embeddings::ROUTE,
+        embeddings::parse,
+        |st, caller, call| async move { embeddings::run(&st, caller, call).await },
+    )
+    .await
+}
+
+/// One route through the pipeline: read and parse the body (the route's own validation), find
+/// the caller, run the route's steps within `server.request_timeout`, count it, answer.
+async fn pipeline_route<F, Fut>(
+    st: SharedState,
+    headers: &HeaderMap,
+    body: Result<RawBody, ApiError>,
+    route: &'static str,
+    parse: fn(pipeline::Body, String) -> Result<Call, ApiError>,
+    run: F,
+) -> Response
+where
+    F: FnOnce(SharedState, Option<Caller>, Call) -> Fut,
+    Fut: std::future::Future<Output = Result<Served, ApiError>>,
+{
     let started = Instant::now();
-    let request_id = request_id_of(&headers);
+    let request_id = request_id_of(headers);
     let result = async {
-        let RawBody(bytes) = body.map_err(|e| match e {
-            ApiError::Request(RequestError::TooLarge { .. }) => RequestError::TooLarge {
-                limit: st.config.server.max_body_bytes,
-            }
-            .into(),
-            other => other,
-        })?;
-        let caller = caller_of(&st, &headers).await?;
-        let req = ChatRequest::parse(bytes)?;
-        let model = req.model.clone();
+        // The body's share of the in-flight budget is held until the answer is made.
+        let RawBody(bytes, _permit) = body?;
+        let caller = caller_of(&st, headers).await?;
+        let call = parse(pipeline::Body::parse(bytes)?, request_id)?;
+        let model = call.model.clone();
         let limit = st.config.server.request_timeout;
-        let reply = tokio::time::timeout(limit, chat::chat(&st, caller.as_ref(), &request_id, req))
+        let reply = tokio::time::timeout(limit, run(st.clone(), caller, call))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);
         Ok::<_, ApiError>((model, reply))
     }
     .await;
-    st.metrics.request_duration(chat::ROUTE, started.elapsed());
+    st.metrics.request_duration(route, started.elapsed());
     let (model, reply) = match result {
         Ok(v) => v,
         Err(e) => {
-            st.metrics.request(chat::ROUTE, "unknown", "none", e.kind());
+            st.metrics.request(route, "unknown", "none", e.kind());
             return e.into_response();
         }
     };
@@ -156,29 +215,23 @@ async fn chat_completions(
         _ => model.as_str(),
     };
     match reply {
-        Ok(ChatReply::Json {
-            body,
-            provider,
-            cost,
-        }) => {
-            st.metrics
-                .request(chat::ROUTE, model_label, &provider, "ok");
-            let mut resp = json_response(StatusCode::OK, body);
-            if let Some(c) = cost
-                && let Ok(v) = HeaderValue::from_str(&c.to_string())
-            {
-                resp.headers_mut().insert(COST_HEADER, v);
+        Ok(Served { reply, provider }) => {
+            st.metrics.request(route, model_label, &provider, "ok");
+            match reply {
+                Reply::Json { body, cost } => {
+                    let mut resp = json_response(StatusCode::OK, body);
+                    if let Some(c) = cost
+                        && let Ok(v) = HeaderValue::from_str(&c.to_string())
+                    {
+                        resp.headers_mut().insert(COST_HEADER, v);
+                    }
+                    resp
+                }
+                Reply::Stream(frames) => sse_response(frames),
             }
-            resp
-        }
-        Ok(ChatReply::Stream { frames, provider }) => {
-            st.metrics
-                .request(chat::ROUTE, model_label, &provider, "ok");
-            sse_response(frames)
         }
         Err(e) => {
-            st.metrics
-                .request(chat::ROUTE, model_label, "none", e.kind());
+            st.metrics.request(route, model_label, "none", e.kind());
             e.into_response()
         }
     }
@@ -240,7 +293,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
     resp
 }
 
-fn sse_response(frames: chat::FrameStream) -> Response {
+fn sse_response(frames: FrameStream) -> Response {
     let body = Body::from_stream(futures::StreamExt::map(
         frames,
         Ok::<_, std::convert::Infallible>,
@@ -257,65 +310,17 @@ fn sse_response(frames: chat::FrameStream) -> Response {
 }
 
 async fn list_models(State(st): State<SharedState>) -> Response {
-    let data: Vec<serde_json::Value> = st
-        .routing
-        .models()
-        .into_iter()
-        .map(|(route, plugin)| model_json(&route, plugin.as_deref()))
-        .collect();
-    json_response(
-        StatusCode::OK,
-        json!({ "object": "list", "data": data }).to_string(),
-    )
+    json_response(StatusCode::OK, models::list(&st).to_string())
 }
 
 async fn get_model(
     State(st): State<SharedState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    match st.routing.models().into_iter().find(|(r, _)| r.model == id) {
-        Some((route, plugin)) => json_response(
-            StatusCode::OK,
-            model_json(&route, plugin.as_deref()).to_string(),
-        ),
-        None => ApiError::from(crate::routing::RoutingError::UnknownModel(id)).into_response(),
+    match models::get(&st, &id) {
+        Ok(v) => json_response(StatusCode::OK, v.to_string()),
+        Err(e) => e.into_response(),
     }
-}
-
-fn model_json(
-    route: &crate::routing::Route,
-    plugin: Option<&crate::plugins::Plugin>,
-) -> serde_json::Value {
-    let info = plugin.and_then(|p| {
-        p.manifest
-            .models
-            .iter()
-            .find(|m| m.id == route.upstream_model)
-    });
-    json!({
-        "id": route.model,
-        "object": "model",
-        "created": 0,
-        "owned_by": route.channel.plugin,
-        "tollgate": {
-            "channel": route.channel.name,
-            "provider": plugin.map(|p| json!({
-                "name": p.manifest.name,
-                "version": p.manifest.version,
-            })),
-            "available": plugin.is_some(),
-            "kinds": info.map(|m| m.kinds.clone()),
-            "context_window": info.and_then(|m| m.context_window),
-            "pricing": info.and_then(|m| m.price.as_ref()).map(|p| json!({
-                "unit": "1e-12 USD",
-                "input_per_token": p.input_per_token,
-                "output_per_token": p.output_per_token,
-                "per_image": p.per_image,
-                "per_second": p.per_second,
-                "per_request": p.per_request,
-            })),
-        }
-    })
 }
 
 async fn healthz() -> Response {

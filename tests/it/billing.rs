@@ -10,7 +10,6 @@
     clippy::disallowed_methods
 )]
 
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;

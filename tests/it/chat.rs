@@ -8,7 +8,6 @@
     clippy::disallowed_methods
 )]
 
-
 use std::time::Duration;
 
 use crate::common::*;

@@ -69,6 +69,7 @@ impl MockUpstream {
         let state = Arc::new(MockState::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
+            .route("/v1/embeddings", post(mock_embeddings))
             .route("/v1/models", get(mock_models))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -124,14 +125,15 @@ impl Drop for CancelGuard {
     }
 }
 
-async fn mock_chat(
-    State(state): State<Arc<MockState>>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// Count and record a request; its body as JSON (null if it is not JSON).
+fn record(
+    state: &MockState,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> serde_json::Value {
     state.hits.fetch_add(1, Ordering::SeqCst);
-    let text = String::from_utf8_lossy(&body).to_string();
+    let text = String::from_utf8_lossy(body).to_string();
     state.requests.lock().unwrap().push(Recorded {
         path: uri.path().to_string(),
         query: uri.query().map(str::to_string),
@@ -141,7 +143,91 @@ async fn mock_chat(
             .collect(),
         body: text.clone(),
     });
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+/// `POST /v1/embeddings` as OpenAI documents it: one embedding per input (`dimensions` floats,
+/// 4 by default), as a float array or, with `encoding_format: base64`, the base64 of the
+/// little-endian f32s; usage counts a token per 4 bytes of text (or per token id). Model
+/// `fail500` fails, `malformed` answers without `data`.
+async fn mock_embeddings(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use base64::Engine as _;
+    let json = record(&state, &uri, &headers, &body);
+    let model = json["model"].as_str().unwrap_or("").to_string();
+    match model.as_str() {
+        "fail500" => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [("content-type", "application/json")],
+                r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+            )
+                .into_response();
+        }
+        "malformed" => {
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                r#"{"object":"list","model":"malformed"}"#,
+            )
+                .into_response();
+        }
+        _ => {}
+    }
+    let inputs: Vec<serde_json::Value> = match &json["input"] {
+        serde_json::Value::Array(a) if a.iter().all(serde_json::Value::is_u64) => {
+            vec![json["input"].clone()]
+        }
+        serde_json::Value::Array(a) => a.clone(),
+        other => vec![other.clone()],
+    };
+    let dims = json["dimensions"].as_u64().unwrap_or(4) as usize;
+    let base64 = json["encoding_format"] == "base64";
+    let mut tokens = 0u64;
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            tokens += match input {
+                serde_json::Value::String(s) => (s.len() as u64).div_ceil(4),
+                serde_json::Value::Array(ids) => ids.len() as u64,
+                _ => 1,
+            };
+            let v: Vec<f32> = (0..dims).map(|d| (i + d) as f32 * 0.25).collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                serde_json::json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            };
+            serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        serde_json::json!({
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+        .to_string(),
+    )
+        .into_response()
+}
+
+async fn mock_chat(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json = record(&state, &uri, &headers, &body);
     let model = json["model"].as_str().unwrap_or("ok").to_string();
     let stream = json["stream"].as_bool().unwrap_or(false);
     match model.as_str() {
@@ -448,4 +534,62 @@ pub async fn assert_openai_error(
     );
     assert!(body["error"]["type"].is_string(), "body: {body}");
     body
+}
+
+/// Poll `check` every 50 ms until it holds; fail after 10 s.
+pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+impl TestGateway {
+    /// A request to the admin API, with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.operator))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// Through the admin API: an account named `name` with `usd` dollars (none if `"0"`) and a
+    /// key for it; (account id, key).
+    pub async fn admin_funded_key(&self, name: &str, usd: &str) -> (String, String) {
+        let acct: serde_json::Value = self
+            .admin(reqwest::Method::POST, "/admin/accounts")
+            .json(&serde_json::json!({"name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = acct["id"].as_str().unwrap().to_string();
+        if usd != "0" {
+            let r = self
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/admin/accounts/{id}/credits"),
+                )
+                .json(&serde_json::json!({"amount_usd": usd}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+        let created: serde_json::Value = self
+            .admin(reqwest::Method::POST, &format!("/admin/accounts/{id}/keys"))
+            .json(&serde_json::json!({"name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (id, created["key"].as_str().unwrap().to_string())
+    }
 }

@@ -9,10 +9,8 @@
     clippy::disallowed_methods
 )]
 
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -21,17 +19,6 @@ fn drop_in(src: &std::path::Path, dest: &std::path::Path) {
     let tmp = dest.with_extension("tmp");
     std::fs::copy(src, &tmp).unwrap();
     std::fs::rename(&tmp, dest).unwrap();
-}
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 async fn provider_version(gw: &TestGateway, model: &str) -> Option<String> {

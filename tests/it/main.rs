@@ -5,6 +5,8 @@ mod billing;
 mod chat;
 mod cli;
 mod common;
+mod embeddings;
+mod hardening;
 mod hot_reload;
 mod openai_sdk;
 mod policy;

@@ -9,7 +9,6 @@
     clippy::disallowed_methods
 )]
 
-
 use crate::common::*;
 
 const GUESTS: &[&str] = &[

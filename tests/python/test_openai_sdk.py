@@ -47,6 +47,21 @@ for chunk in stream:
 assert stream_cost, "the usage chunk carries the cost"
 assert "".join(parts) == text, ("".join(parts), text)
 
+# Embeddings (the SDK asks for base64 and decodes it), billed on input tokens.
+emb = client.embeddings.create(model="demo-embed", input=["hello world", "hello"])
+assert emb.object == "list", emb
+assert len(emb.data) == 2 and emb.data[1].index == 1, emb
+assert len(emb.data[0].embedding) == 16, emb.data[0]
+assert emb.usage.prompt_tokens == 3, emb.usage
+floats = client.embeddings.create(model="demo-embed", input="hello world", encoding_format="float")
+pairs = zip(floats.data[0].embedding, emb.data[0].embedding)
+assert all(abs(a - b) < 1e-6 for a, b in pairs), (floats.data[0], emb.data[0])
+try:
+    client.embeddings.create(model="demo-embed", input="")
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "input", e.body
+
 # Models.
 ids = [m.id for m in client.models.list()]
 assert "demo-chat" in ids, ids

@@ -1,5 +1,7 @@
 //! The `demo` provider: offline and deterministic, so a newcomer gets an answer with no key and
-//! no network. It answers every request itself (`outbound::answer`), streamed or not.
+//! no network. It answers every request itself (`outbound::answer`), streamed or not: chat
+//! (`demo-chat` says back what it was told) and embeddings (`demo-embed`: a fixed-size vector of
+//! hashed words, as floats or base64 as OpenAI's `encoding_format` asks).
 
 use tollgate_plugin_sdk::openai::{self, TextMessage};
 use tollgate_plugin_sdk::serde_json::{self, Value, json};
@@ -8,6 +10,9 @@ use tollgate_plugin_sdk::*;
 struct Demo;
 
 const MODEL: &str = "demo-chat";
+const EMBED_MODEL: &str = "demo-embed";
+/// Floats in a `demo-embed` vector (unless the request asks for fewer `dimensions`).
+const EMBED_DIMS: usize = 16;
 /// A fixed timestamp: the same request always gets the same bytes back.
 const CREATED: u64 = 1_700_000_000;
 
@@ -48,21 +53,36 @@ impl Provider for Demo {
         Manifest {
             name: "demo".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into()],
+            kinds: vec!["chat".into(), "embedding".into()],
             auth: AuthScheme::None,
-            models: vec![ModelInfo {
-                id: MODEL.into(),
-                kinds: vec!["chat".into()],
-                context_window: Some(8192),
-                max_output_tokens: Some(1024),
-                price: Some(ModelPrice {
-                    input_per_token: 100,
-                    output_per_token: 200,
-                    per_image: 0,
-                    per_second: 0,
-                    per_request: 0,
-                }),
-            }],
+            models: vec![
+                ModelInfo {
+                    id: MODEL.into(),
+                    kinds: vec!["chat".into()],
+                    context_window: Some(8192),
+                    max_output_tokens: Some(1024),
+                    price: Some(ModelPrice {
+                        input_per_token: 100,
+                        output_per_token: 200,
+                        per_image: 0,
+                        per_second: 0,
+                        per_request: 0,
+                    }),
+                },
+                ModelInfo {
+                    id: EMBED_MODEL.into(),
+                    kinds: vec!["embedding".into()],
+                    context_window: Some(8192),
+                    max_output_tokens: None,
+                    price: Some(ModelPrice {
+                        input_per_token: 10,
+                        output_per_token: 0,
+                        per_image: 0,
+                        per_second: 0,
+                        per_request: 0,
+                    }),
+                },
+            ],
             config_keys: Vec::new(),
         }
     }
@@ -72,12 +92,16 @@ impl Provider for Demo {
         kind: String,
         request: String,
     ) -> Result<Outbound, PluginError> {
-        if kind != "chat" {
-            return Err(invalid_request(format!(
-                "the demo provider does not do `{kind}`"
-            )));
-        }
         let req: Value = parse_request(&request)?;
+        match kind.as_str() {
+            "chat" => {}
+            "embedding" => return embed(&ctx, &req),
+            _ => {
+                return Err(invalid_request(format!(
+                    "the demo provider does not do `{kind}`"
+                )));
+            }
+        }
         let messages = openai::messages(&req)?;
         let text = reply_to(&messages);
         let usage = openai::usage(prompt_tokens(&messages), words(&text));
@@ -153,6 +177,95 @@ impl Provider for Demo {
     ) -> Result<Vec<ModelInfo>, PluginError> {
         Ok(Self::describe().models)
     }
+}
+
+/// Embeddings of every input: each word hashed into one of the vector's slots, then scaled to
+/// unit length, so equal texts get equal vectors and texts sharing words point the same way.
+fn embed(ctx: &ChannelContext, req: &Value) -> Result<Outbound, PluginError> {
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_u64) => {
+            vec![
+                items
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => return Err(invalid_request("`input` is required")),
+    };
+    let dims = req
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .map_or(EMBED_DIMS, |d| (d as usize).clamp(1, EMBED_DIMS));
+    let base64 = req.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let mut tokens = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            tokens += words(text).max(1);
+            let mut v = vec![0f32; dims];
+            for w in text.split_whitespace() {
+                let h = fnv1a(w.to_lowercase().as_bytes());
+                let slot = (h % dims as u64) as usize;
+                v[slot] += if h & (1 << 63) == 0 { 1.0 } else { -1.0 };
+            }
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let model = if ctx.model.is_empty() {
+        EMBED_MODEL
+    } else {
+        ctx.model.as_str()
+    };
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    Ok(answer(body.to_string().into_bytes(), "application/json"))
+}
+
+/// Standard base64 with padding (RFC 4648), as OpenAI encodes `encoding_format: base64`.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A small stable hash for deterministic ids.

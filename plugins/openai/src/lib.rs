@@ -5,6 +5,9 @@
 //! answers are server-sent events of `chat.completion.chunk` objects ending with `data: [DONE]`;
 //! `stream_options.include_usage` adds a last chunk with `usage`; errors are
 //! `{"error": {"message", "type", "param", "code"}}`; `GET {base}/models` lists models.
+//! Embeddings: `POST {base}/embeddings` with `{model, input, encoding_format?, dimensions?}`,
+//! answered by `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}],
+//! "model", "usage": {"prompt_tokens", "total_tokens"}}`.
 
 use tollgate_plugin_sdk::serde_json::{self, Map, Value, json};
 use tollgate_plugin_sdk::*;
@@ -19,6 +22,16 @@ fn price(input: u64, output: u64) -> Option<ModelPrice> {
         per_second: 0,
         per_request: 0,
     })
+}
+
+fn embedding_model(id: &str, input: u64) -> ModelInfo {
+    ModelInfo {
+        id: id.into(),
+        kinds: vec!["embedding".into()],
+        context_window: Some(8_192),
+        max_output_tokens: None,
+        price: price(input, 0),
+    }
 }
 
 fn model(id: &str, context: u32, max_out: u32, input: u64, output: u64) -> ModelInfo {
@@ -37,13 +50,15 @@ impl Provider for OpenAi {
         Manifest {
             name: "openai".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into()],
+            kinds: vec!["chat".into(), "embedding".into()],
             auth: AuthScheme::Bearer,
             models: vec![
                 model("gpt-4o-mini", 128_000, 16_384, 150_000, 600_000),
                 model("gpt-4o", 128_000, 16_384, 2_500_000, 10_000_000),
                 model("gpt-4.1", 1_047_576, 32_768, 2_000_000, 8_000_000),
                 model("gpt-4.1-mini", 1_047_576, 32_768, 400_000, 1_600_000),
+                embedding_model("text-embedding-3-small", 20_000),
+                embedding_model("text-embedding-3-large", 130_000),
             ],
             config_keys: vec!["organization".into(), "project".into()],
         }
@@ -54,13 +69,20 @@ impl Provider for OpenAi {
         kind: String,
         request: String,
     ) -> Result<Outbound, PluginError> {
-        if kind != "chat" {
-            return Err(invalid_request(format!(
-                "the openai plugin does not do `{kind}` yet"
-            )));
-        }
+        let path = match kind.as_str() {
+            "chat" => "/chat/completions",
+            "embedding" => "/embeddings",
+            _ => {
+                return Err(invalid_request(format!(
+                    "the openai plugin does not do `{kind}` yet"
+                )));
+            }
+        };
         let mut body: Map<String, Value> = parse_request(&request)?;
         body.insert("model".into(), Value::String(ctx.model.clone()));
+        if kind == "embedding" {
+            body.remove("stream");
+        }
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
         if stream {
             // Ask for the usage chunk: billing counts the tokens of streams too.
@@ -69,7 +91,7 @@ impl Provider for OpenAi {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        let mut req = json_request("POST", "/chat/completions", &Value::Object(body), stream);
+        let mut req = json_request("POST", path, &Value::Object(body), stream);
         if let Some(org) = option(&ctx, "organization") {
             req.headers.push(header("openai-organization", org));
         }
@@ -81,15 +103,22 @@ impl Provider for OpenAi {
 
     fn parse_response(
         _ctx: ChannelContext,
-        _kind: String,
+        kind: String,
         response: HttpResponse,
     ) -> Result<String, PluginError> {
         if !(200..300).contains(&response.status) {
             return Err(error_from_status(&response));
         }
         let v: Value = parse_upstream(&response.body)?;
-        if !v.get("choices").is_some_and(Value::is_array) {
-            return Err(upstream_error("malformed upstream response: no `choices`"));
+        let field = if kind == "embedding" {
+            "data"
+        } else {
+            "choices"
+        };
+        if !v.get(field).is_some_and(Value::is_array) {
+            return Err(upstream_error(format!(
+                "malformed upstream response: no `{field}`"
+            )));
         }
         String::from_utf8(response.body)
             .map_err(|_| upstream_error("malformed upstream response: not UTF-8"))

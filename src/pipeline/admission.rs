@@ -1,0 +1,99 @@
+//! Step 1, admission: who may call what, and how much of it. Resolves the model's route and
+//! plugin, refuses an anonymous caller on a model that needs a key and a key on a model outside
+//! its allow-list, prices the request's [`Need`], and takes the key's place under its limits.
+//! Nothing here reads prompt text; a refusal here has consumed nothing.
+
+use crate::app::AppState;
+use crate::auth::{AuthError, Caller};
+use crate::billing::Price;
+use crate::error::ApiError;
+use crate::routing::Pick;
+
+use super::money::{self, Estimate};
+use super::{Call, Need};
+
+/// An admitted request: only [`admit`] makes one, and only screening takes it further.
+pub struct Admitted {
+    pub(super) call: Call,
+    pub(super) caller: Option<Caller>,
+    pub(super) pick: Pick,
+    pub(super) price: Price,
+    pub(super) estimate: Estimate,
+    /// The key's place under its limits, until the request ends (`None`: no limits, anonymous).
+    pub(super) place: Option<crate::limits::Admitted>,
+}
+
+impl Admitted {
+    pub fn call(&self) -> &Call {
+        &self.call
+    }
+
+    pub fn caller(&self) -> Option<&Caller> {
+        self.caller.as_ref()
+    }
+
+    pub fn estimate(&self) -> &Estimate {
+        &self.estimate
+    }
+}
+
+/// Who may call the model: an anonymous caller only for the models config opens to everyone; a
+/// key only for the models it allows.
+pub fn authorize(caller: Option<&Caller>, pick: &Pick, model: &str) -> Result<(), ApiError> {
+    match caller {
+        None if !pick.route.anonymous => Err(AuthError::Missing.into()),
+        Some(c) if !c.allows_model(model) => Err(ApiError::ModelNotAllowed(model.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// The output cap of a request: the client's, else the model's, else the configured default.
+pub fn output_cap(st: &AppState, pick: &Pick, need: &Need) -> u64 {
+    if !need.output {
+        return 0;
+    }
+    need.max_output_tokens
+        .or_else(|| {
+            pick.model_info()
+                .and_then(|m| m.max_output_tokens)
+                .map(u64::from)
+        })
+        .unwrap_or(st.config.billing.default_max_output_tokens)
+}
+
+/// Admit a request: route, caller, estimate, limits, in that order.
+pub async fn admit(
+    st: &AppState,
+    caller: Option<Caller>,
+    call: Call,
+) -> Result<Admitted, ApiError> {
+    let pick = st.routing.pick(&call.model)?;
+    authorize(caller.as_ref(), &pick, &call.model)?;
+    let price = pick.price();
+    let estimate = money::estimate(&price, &call.need, output_cap(st, &pick, &call.need));
+    let place = match &caller {
+        Some(c) => {
+            st.limiter
+                .admit(
+                    &st.billing,
+                    crate::limits::Ask {
+                        account_id: &c.account_id,
+                        key_id: &c.key_id,
+                        limits: &c.limits,
+                        tokens: estimate.tokens(),
+                        estimate: estimate.cost,
+                    },
+                )
+                .await?
+        }
+        None => None,
+    };
+    Ok(Admitted {
+        call,
+        caller,
+        pick,
+        price,
+        estimate,
+        place,
+    })
+}

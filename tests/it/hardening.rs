@@ -1,0 +1,233 @@
+//! The public listener under hostile or unlucky clients: stalled headers and bodies, too many
+//! connections, too many body bytes at once, a shutdown that must end, the auth scheme's case,
+//! and a config change noticed while a neighbour file in its folder never stops changing.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// A gateway whose `server:` section has `extra` appended.
+async fn gateway_with(extra: &str) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let yaml = config_yaml(None, "", "", &plugins).replace(
+        "  request_timeout: 30s\n",
+        &format!("  request_timeout: 30s\n{extra}"),
+    );
+    TestGateway::start_yaml(&yaml, dir).await
+}
+
+fn addr(gw: &TestGateway) -> String {
+    gw.public.trim_start_matches("http://").to_string()
+}
+
+/// Read until the server closes the connection (or 10 s pass); what it sent.
+async fn read_to_close(tcp: &mut TcpStream) -> Option<String> {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
+    read.ok().map(|_| String::from_utf8_lossy(&out).to_string())
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_headers_is_closed() {
+    let gw = gateway_with("  header_read_timeout: 300ms\n").await;
+    let mut tcp = TcpStream::connect(addr(&gw)).await.unwrap();
+    tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let got = read_to_close(&mut tcp).await;
+    assert!(got.is_some(), "the connection is closed, not held");
+    // A connection that sends nothing is closed too, and so is an idle keep-alive one.
+    let mut idle = TcpStream::connect(addr(&gw)).await.unwrap();
+    assert!(read_to_close(&mut idle).await.is_some());
+    let mut kept = TcpStream::connect(addr(&gw)).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_to_close(&mut kept).await.expect("closed after idling");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_in_its_body_gets_a_408() {
+    let gw = gateway_with("  body_read_timeout: 300ms\n").await;
+    let mut tcp = TcpStream::connect(addr(&gw)).await.unwrap();
+    tcp.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let got = read_to_close(&mut tcp).await.expect("answered and closed");
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains("\"code\":\"body_timeout\""), "{got}");
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_get_a_503_at_once() {
+    let gw = gateway_with("  max_connections: 2\n").await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(addr(&gw)).await.unwrap();
+        // A complete request keeps each connection open (keep-alive) and proves it was served.
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        tcp.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(tcp);
+    }
+    let mut third = TcpStream::connect(addr(&gw)).await.unwrap();
+    let got = read_to_close(&mut third).await.expect("refused and closed");
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.contains("retry-after: 1"), "{got}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_connections_refused_total 1"),
+        "{metrics}"
+    );
+    // A slot frees when a connection closes.
+    drop(held.pop());
+    wait_for("a slot to free", async || {
+        let mut tcp = TcpStream::connect(addr(&gw)).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        read_to_close(&mut tcp)
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bodies_past_the_in_flight_budget_get_a_503_with_retry_after() {
+    let gw = gateway_with("  max_inflight_body_bytes: 65536\n").await;
+    // One client declares a body of the whole budget and stalls in it.
+    let mut staller = TcpStream::connect(addr(&gw)).await.unwrap();
+    staller
+        .write_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 65536\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let resp = wait_for_status(&gw, 503).await;
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "server_busy");
+    // The stalled body's share comes back when its connection goes.
+    drop(staller);
+    wait_for_status(&gw, 200).await;
+}
+
+async fn wait_for_status(gw: &TestGateway, status: u16) -> reqwest::Response {
+    for _ in 0..200 {
+        let resp = gw.chat("demo-chat", false).await;
+        if resp.status().as_u16() == status {
+            return resp;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never got a {status}");
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_its_grace_even_with_stalled_clients() {
+    let mut gw = gateway_with("  shutdown_grace: 300ms\n  body_read_timeout: 3600s\n").await;
+    let mut staller = TcpStream::connect(addr(&gw)).await.unwrap();
+    staller
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    // The request is in flight (its body being read) before the shutdown starts.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = gw.running.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+        .await
+        .expect("shutdown finished");
+    assert!(
+        read_to_close(&mut staller).await.is_some(),
+        "the stalled client was cut"
+    );
+}
+
+#[tokio::test]
+async fn the_auth_scheme_is_case_insensitive() {
+    let gw = gateway_with("").await;
+    let (_, key) = gw.admin_funded_key("cases", "0").await;
+    let key = key.as_str();
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let resp = gw
+            .client
+            .get(format!("{}/v1/balance", gw.public))
+            .header("authorization", format!("{scheme} {key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{scheme}");
+    }
+    let resp = gw
+        .client
+        .get(format!("{}/v1/balance", gw.public))
+        .header("authorization", format!("Basic {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[tokio::test]
+async fn a_config_change_is_seen_while_a_neighbour_file_keeps_changing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let base = config_yaml(None, "", "", &plugins);
+    let gw = TestGateway::start_file(&base, dir).await;
+    let folder = gw.dir.path().to_path_buf();
+    // A neighbour (as a busy SQLite file would) written every 10 ms for the whole test.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noise = {
+        let (stop, folder) = (stop.clone(), folder.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                std::fs::write(folder.join("busy.db-wal"), i.to_le_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let config_path = folder.join("config.yaml");
+    std::fs::write(&config_path, base.replace("models:", "models: [[[")).unwrap();
+    wait_for("the refusal to be counted", async || {
+        gw.metrics()
+            .await
+            .contains("tollgate_config_reloads_total{outcome=\"refused\"} 1")
+    })
+    .await;
+    std::fs::write(
+        &config_path,
+        base.replace(
+            "models:\n",
+            "models:\n  - { name: demo-two, channel: demo, upstream_model: demo-chat }\n",
+        ),
+    )
+    .unwrap();
+    wait_for("the new model to serve", async || {
+        gw.get("/v1/models/demo-two").await.status() == 200
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    noise.join().unwrap();
+}

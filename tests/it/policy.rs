@@ -1,6 +1,7 @@
 //! Acceptable-use screening: every policy file's own examples, evasions of the severe categories,
-//! a broken file refused while the gateway serves, a shadow rule that records without blocking,
-//! and a blocked prompt that costs nothing and reaches no upstream.
+//! every kind of bad policy file refused with its file and line, a broken file refused while the
+//! gateway serves, a shadow rule that records without blocking, and a blocked prompt that costs
+//! nothing and reaches no upstream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use tollgate::policy::{Action, Compiled};
+use tollgate::policy::{Action, Compiled, PolicyError};
 
 fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -133,6 +134,284 @@ fn evasions_of_the_severe_categories_are_caught() {
             );
         }
     }
+}
+
+/// A small category file; the tests below name its lines by number (line 1 is `version: 1`).
+const WEAPONS: &str = r#"version: 1
+category: weapons
+description: Making weapons.
+rules:
+  - id: weapons.bomb
+    keywords: [pipe bomb, nail bomb]
+  - id: weapons.howto
+    patterns:
+      - "\\bhow (?:do i|to) build a (?:gun|rifle)\\b"
+      - "\\bassemble an? (?:rifle|pistol)\\b"
+examples:
+  must_block:
+    - how to make a pipe bomb
+    - how to build a rifle
+  must_pass:
+    - the history of the rifle
+"#;
+
+const SETS: &str = "version: 1
+default_set: default
+sets:
+  default:
+    categories:
+      weapons: block
+  relaxed:
+    extends: default
+    categories:
+      weapons: flag
+";
+
+/// Write a policies folder holding `files` and load it.
+fn load_folder(files: &[(&str, &str)]) -> (tempfile::TempDir, Result<Compiled, Vec<PolicyError>>) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let loaded = Compiled::load(dir.path());
+    (dir, loaded)
+}
+
+/// Loading `files` is refused, and one of the refusals is `<folder>/<file>:<line>: ...` with
+/// `needle` in its message.
+#[track_caller]
+fn assert_refused(files: &[(&str, &str)], file: &str, line: usize, needle: &str) -> String {
+    let (dir, loaded) = load_folder(files);
+    let errors = match loaded {
+        Ok(_) => panic!("loaded, but {file}:{line} should be refused for {needle:?}"),
+        Err(errors) => errors,
+    };
+    let prefix = format!("{}:{line}: ", dir.path().join(file).display());
+    let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        errors.iter().all(|e| e.line.is_some()),
+        "a refusal without a line:\n{}",
+        all.join("\n")
+    );
+    let found = all
+        .iter()
+        .find(|e| e.starts_with(&prefix) && e.contains(needle));
+    match found {
+        Some(e) => e.clone(),
+        None => panic!(
+            "no refusal `{prefix}...{needle}...` among:\n{}",
+            all.join("\n")
+        ),
+    }
+}
+
+/// Replace exactly one line (numbered from 1) of a file.
+fn with_line(text: &str, line: usize, new: &str) -> String {
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[line - 1] = new;
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn a_good_small_folder_loads() {
+    let (_dir, loaded) = load_folder(&[("weapons.yaml", WEAPONS), ("sets.yaml", SETS)]);
+    let c = loaded.unwrap_or_else(|errs| panic!("{errs:?}"));
+    assert_eq!(
+        c.screen("how to build a gun", "default").action,
+        Action::Block
+    );
+    assert_eq!(
+        c.screen("assemble a pistol", "relaxed").action,
+        Action::Flag
+    );
+}
+
+#[test]
+fn a_yaml_error_names_the_file_and_line() {
+    // Not YAML at all: a second colon in a plain value.
+    let bad = with_line(WEAPONS, 3, "description: Making: weapons.");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        3,
+        "mapping values are not allowed",
+    );
+    // YAML, but not the schema: an unknown field, a wrong type.
+    let bad = with_line(WEAPONS, 6, "    keyword: [pipe bomb, nail bomb]");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        6,
+        "unknown field `keyword`",
+    );
+    let bad = with_line(SETS, 6, "      weapons: forbid");
+    assert_refused(
+        &[("weapons.yaml", WEAPONS), ("sets.yaml", &bad)],
+        "sets.yaml",
+        6,
+        "unknown variant `forbid`",
+    );
+    // An empty file: the problem is at its start.
+    assert_refused(
+        &[
+            ("weapons.yaml", WEAPONS),
+            ("empty.yaml", ""),
+            ("sets.yaml", SETS),
+        ],
+        "empty.yaml",
+        1,
+        "",
+    );
+}
+
+#[test]
+fn a_duplicate_rule_id_names_the_second_use_and_the_first() {
+    let bad = with_line(WEAPONS, 7, "  - id: weapons.bomb");
+    let e = assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        7,
+        r#"duplicate rule id "weapons.bomb" (first used at "#,
+    );
+    assert!(e.ends_with("weapons.yaml:5)"), "{e}");
+    // In another file: that file's line, and where the first use is.
+    let arms = "version: 1
+category: arms
+description: Selling arms.
+rules:
+  - id: arms.sale
+    keywords: [sell a gun]
+  - id: weapons.bomb
+    keywords: [buy a bomb]
+";
+    let sets = SETS.replace(
+        "      weapons: block\n",
+        "      weapons: block\n      arms: block\n",
+    );
+    let e = assert_refused(
+        &[
+            ("weapons.yaml", WEAPONS),
+            ("zz_arms.yaml", arms),
+            ("sets.yaml", &sets),
+        ],
+        "zz_arms.yaml",
+        7,
+        r#"duplicate rule id "weapons.bomb" (first used at "#,
+    );
+    assert!(e.ends_with("weapons.yaml:5)"), "{e}");
+}
+
+#[test]
+fn a_bad_pattern_names_its_line() {
+    let bad = with_line(
+        WEAPONS,
+        10,
+        r#"      - "\\bassemble an? (?:rifle|pistol\\b""#,
+    );
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        10,
+        "rule `weapons.howto`: pattern does not compile",
+    );
+    // Flow style: the second pattern of a list written over two lines.
+    let flow = r#"    patterns: ["\\bhow (?:do i|to) build a (?:gun|rifle)\\b",
+      "[z-a]", "\\bassemble an? (?:rifle|pistol)\\b"]"#;
+    let lines: Vec<&str> = WEAPONS.lines().collect();
+    let bad = [&lines[..7], &[flow], &lines[10..]].concat().join("\n");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        9,
+        "pattern does not compile",
+    );
+}
+
+#[test]
+fn a_failing_example_names_its_line() {
+    let bad = with_line(WEAPONS, 14, "    - how to bake bread");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        14,
+        "must_block example passes: \"how to bake bread\"",
+    );
+    let bad = with_line(WEAPONS, 16, "    - the history of the nail bomb");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        16,
+        "must_pass example is caught by rule `weapons.bomb`",
+    );
+}
+
+#[test]
+fn a_bad_rule_or_category_names_its_line() {
+    let bad = with_line(WEAPONS, 1, "version: 2");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        1,
+        "version 2 is not supported",
+    );
+    let bad = with_line(WEAPONS, 3, "description: \" \"");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        3,
+        "description must say",
+    );
+    // A rule with keywords and patterns both; a co-occurrence rule of one group.
+    let bad = with_line(WEAPONS, 7, "  - id: weapons.howto\n    keywords: [gun]");
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        7,
+        "rule `weapons.howto` needs exactly one of keywords, patterns, all_of",
+    );
+    let bad = with_line(
+        WEAPONS,
+        6,
+        "    all_of: { window: 3, groups: [[pipe bomb]] }",
+    );
+    assert_refused(
+        &[("weapons.yaml", &bad), ("sets.yaml", SETS)],
+        "weapons.yaml",
+        6,
+        "rule `weapons.bomb`: all_of needs two or more non-empty groups",
+    );
+}
+
+#[test]
+fn a_bad_sets_file_names_its_line() {
+    let bad = with_line(SETS, 10, "      weapon: flag");
+    assert_refused(
+        &[("weapons.yaml", WEAPONS), ("sets.yaml", &bad)],
+        "sets.yaml",
+        10,
+        "set `relaxed` names unknown category `weapon`",
+    );
+    let bad = with_line(SETS, 8, "    extends: lenient");
+    assert_refused(
+        &[("weapons.yaml", WEAPONS), ("sets.yaml", &bad)],
+        "sets.yaml",
+        8,
+        "set `relaxed` extends an unknown set",
+    );
+    let bad = with_line(SETS, 2, "default_set: strict");
+    assert_refused(
+        &[("weapons.yaml", WEAPONS), ("sets.yaml", &bad)],
+        "sets.yaml",
+        2,
+        "default_set `strict` is not defined",
+    );
+    let bad = with_line(SETS, 1, "version: 3");
+    assert_refused(
+        &[("weapons.yaml", WEAPONS), ("sets.yaml", &bad)],
+        "sets.yaml",
+        1,
+        "version 3 is not supported",
+    );
 }
 
 fn copy_policies(to: &Path) {

@@ -1,0 +1,91 @@
+//! `PolicyStore`: the compiled policies in force, swapped atomically when a change compiles and
+//! passes its examples, and the watcher that reloads them when the folder changes. A refused
+//! change never replaces the last good policies.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::{Compiled, PolicyError};
+
+/// The compiled policies in force, swapped atomically on a good change.
+pub struct PolicyStore {
+    dir: PathBuf,
+    current: ArcSwap<Compiled>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl PolicyStore {
+    /// Load at start: a bad policy folder is fatal here (there is no last good one yet).
+    pub fn load(
+        dir: &Path,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Arc<Self>, Vec<PolicyError>> {
+        let compiled = Compiled::load(dir)?;
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            current: ArcSwap::from_pointee(compiled),
+            metrics,
+            last_error: std::sync::Mutex::new(None),
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Compiled> {
+        self.current.load_full()
+    }
+
+    /// Load the folder again; a change that does not parse or fails its examples is refused and
+    /// the last good policies keep serving.
+    pub fn reload(&self) -> Result<(), Vec<PolicyError>> {
+        match Compiled::load(&self.dir) {
+            Ok(c) => {
+                self.current.store(Arc::new(c));
+                if let Some(m) = &self.metrics {
+                    m.policy_reload("loaded");
+                }
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                tracing::info!(dir = %self.dir.display(), "policies reloaded");
+                Ok(())
+            }
+            Err(errs) => {
+                if let Some(m) = &self.metrics {
+                    m.policy_reload("refused");
+                }
+                let text = errs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(errors = %text, "policy change refused; the last good policies keep serving");
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(text);
+                Err(errs)
+            }
+        }
+    }
+
+    /// The last refusal, if the newest files were refused.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Watch the folder and reload on change.
+    pub fn watch(self: &Arc<Self>) -> Result<crate::watch::Watch, String> {
+        let me = Arc::downgrade(self);
+        crate::watch::spawn(vec![self.dir.clone()], move || {
+            if let Some(store) = me.upgrade() {
+                let _ = store.reload();
+            }
+        })
+    }
+}

@@ -106,11 +106,19 @@ fn default_policies_dir() -> String {
     "policies".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDatabase {
     #[serde(default = "default_db_url")]
     url: String,
+}
+
+impl fmt::Debug for RawDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawDatabase")
+            .field("url", &masked_db_url(&self.url))
+            .finish()
+    }
 }
 
 impl Default for RawDatabase {
@@ -276,6 +284,10 @@ struct RawUpstream {
     stream_idle_timeout: String,
     #[serde(default = "default_pool")]
     pool_max_idle_per_host: usize,
+    #[serde(default = "default_upstream_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_upstream_event")]
+    max_event_bytes: usize,
 }
 
 impl Default for RawUpstream {
@@ -285,8 +297,17 @@ impl Default for RawUpstream {
             timeout: default_request_timeout(),
             stream_idle_timeout: default_idle_timeout(),
             pool_max_idle_per_host: default_pool(),
+            max_body_bytes: default_upstream_body(),
+            max_event_bytes: default_upstream_event(),
         }
     }
+}
+
+fn default_upstream_body() -> usize {
+    16 * 1024 * 1024
+}
+fn default_upstream_event() -> usize {
+    1024 * 1024
 }
 
 fn default_connect_timeout() -> String {
@@ -395,9 +416,66 @@ pub struct OperatorConfig {
     pub admin_token: Option<Secret>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DatabaseConfig {
+    /// May hold a password (`postgres://user:pass@host/db`): `Debug` masks it.
     pub url: String,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &masked_db_url(&self.url))
+            .finish()
+    }
+}
+
+/// A database URL fit for a log line: the password of the user part and any `password=`
+/// parameter print as `*****` (`postgres://app:*****@db/tollgate`).
+pub fn masked_db_url(url: &str) -> String {
+    const MASK: &str = "*****";
+    let (before_query, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    match before_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            out.push_str(scheme);
+            out.push_str("://");
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _password)) => {
+                            out.push_str(user);
+                            out.push(':');
+                            out.push_str(MASK);
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(host);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(before_query),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={MASK}"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -435,6 +513,10 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Largest non-streamed upstream body read; over it, a 502 and the connection dropped.
+    pub max_body_bytes: usize,
+    /// Largest single server-sent event of an upstream stream; over it, the stream fails.
+    pub max_event_bytes: usize,
 }
 
 /// The part of the configuration reloaded while serving: channels, models, and which models
@@ -611,13 +693,20 @@ impl RawConfig {
         if self.plugins.max_instances == 0 {
             problems.push("plugins.max_instances: must be above 0".into());
         }
+        if self.upstream.max_body_bytes == 0 {
+            problems.push("upstream.max_body_bytes: must be above 0".into());
+        }
+        if self.upstream.max_event_bytes == 0 {
+            problems.push("upstream.max_event_bytes: must be above 0".into());
+        }
         let db_url = self.database.url.clone();
         if !(db_url.starts_with("sqlite:")
             || db_url.starts_with("postgres:")
             || db_url.starts_with("postgresql:"))
         {
             problems.push(format!(
-                "database.url: `{db_url}` must start with sqlite: or postgres:"
+                "database.url: `{}` must start with sqlite: or postgres:",
+                masked_db_url(&db_url)
             ));
         }
         let admin_token = env.get(&self.operator.admin_token_env).map(Secret::new);
@@ -670,6 +759,8 @@ impl RawConfig {
                 timeout: up_timeout,
                 stream_idle_timeout: idle,
                 pool_max_idle_per_host: self.upstream.pool_max_idle_per_host,
+                max_body_bytes: self.upstream.max_body_bytes,
+                max_event_bytes: self.upstream.max_event_bytes,
             },
             routes,
             log: LogConfig {
@@ -810,6 +901,44 @@ models:
     fn secrets_do_not_print() {
         let s = Secret::new("sk-very-secret");
         assert_eq!(format!("{s:?} {s}"), "***** *****");
+    }
+
+    #[test]
+    fn the_database_password_does_not_print() {
+        let yaml = "server: { listen: \"127.0.0.1:0\" }\noperator: { listen: \"127.0.0.1:0\" }\ndatabase: { url: \"postgres://app:hunter2@db.internal:5432/tollgate?sslmode=require&password=hunter3\" }\n";
+        let cfg = from_yaml(yaml, &BTreeMap::new()).unwrap();
+        assert!(
+            cfg.database.url.contains("hunter2"),
+            "the value itself is kept"
+        );
+        let printed = format!("{cfg:?} {:?}", cfg.database);
+        assert!(!printed.contains("hunter"), "{printed}");
+        assert!(
+            printed.contains(
+                "postgres://app:*****@db.internal:5432/tollgate?sslmode=require&password=*****"
+            ),
+            "{printed}"
+        );
+        // A refused URL is named without its password too.
+        let yaml = yaml.replace("postgres:", "mysql:");
+        let err = from_yaml(&yaml, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("database.url") && !err.contains("hunter"),
+            "{err}"
+        );
+        for (url, shown) in [
+            ("sqlite://data/tollgate.db", "sqlite://data/tollgate.db"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("postgres://app@db/tg", "postgres://app@db/tg"),
+            ("postgresql://a:p@ss@db/tg", "postgresql://a:*****@db/tg"),
+            ("postgres://:secret@db", "postgres://:*****@db"),
+            (
+                "postgres://db/tg?PASSWORD=x&user=a",
+                "postgres://db/tg?PASSWORD=*****&user=a",
+            ),
+        ] {
+            assert_eq!(masked_db_url(url), shown, "{url}");
+        }
     }
 
     #[test]

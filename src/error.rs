@@ -4,7 +4,8 @@
 //! `routing::RoutingError`, ...). `ApiError` wraps them, maps each variant to a status in one
 //! exhaustive `match` (no `_ =>`), gives a stable `kind()` for `error.code` and metric labels, and
 //! renders OpenAI's body (`{"error": {"message", "type", "code", "param"}}`). Internal details stay
-//! in the log; the client sees a clear message and the request id.
+//! in the log; the client sees a clear message and the request id. Text from an upstream never
+//! reaches a body: a provider's error gets a message written here, per class, with its status.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -120,7 +121,8 @@ impl ApiError {
                 UpstreamError::Connect { .. }
                 | UpstreamError::Io { .. }
                 | UpstreamError::Truncated { .. }
-                | UpstreamError::BadRequest { .. } => StatusCode::BAD_GATEWAY,
+                | UpstreamError::BadRequest { .. }
+                | UpstreamError::TooLarge { .. } => StatusCode::BAD_GATEWAY,
             },
             Self::RequestTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -177,6 +179,7 @@ impl ApiError {
                 UpstreamError::Io { .. } => "upstream_io",
                 UpstreamError::Truncated { .. } => "upstream_truncated",
                 UpstreamError::BadRequest { .. } => "plugin_bad_output",
+                UpstreamError::TooLarge { .. } => "upstream_too_large",
             },
             Self::RequestTimeout(_) => "request_timeout",
             Self::NotFound => "not_found",
@@ -211,12 +214,20 @@ impl ApiError {
         }
     }
 
-    /// The message the client sees: never internal details.
+    /// The message the client sees: never internal details, never an upstream's words.
     fn public_message(&self) -> String {
         match self {
             Self::Internal(_) => {
                 "internal error; quote the x-request-id header when reporting it".into()
             }
+            Self::Plugin(PluginError::Guest {
+                plugin,
+                class,
+                status,
+                from_upstream,
+                ..
+            }) => guest_message(plugin, *class, *status, *from_upstream)
+                .unwrap_or_else(|| self.to_string()),
             other => other.to_string(),
         }
     }
@@ -251,6 +262,45 @@ impl ApiError {
             _ => None,
         }
     }
+}
+
+/// The gateway's words for a provider's error. The guest's own message (redacted) is kept only
+/// for a `build_request` error that is not about credentials (`None`): the plugin wrote it
+/// before any upstream answered, about the client's request.
+fn guest_message(
+    plugin: &str,
+    class: GuestErrorClass,
+    status: Option<u16>,
+    from_upstream: bool,
+) -> Option<String> {
+    let upstream_status = status.map_or(String::new(), |s| format!(" (upstream status {s})"));
+    let text = match class {
+        GuestErrorClass::Auth => {
+            return Some(
+                "the provider refused the gateway's credentials; this is not about your API key \
+                 and has been logged for the operator"
+                    .into(),
+            );
+        }
+        _ if !from_upstream => return None,
+        GuestErrorClass::InvalidRequest => {
+            format!("provider `{plugin}` refused the request as invalid{upstream_status}")
+        }
+        GuestErrorClass::RateLimited => format!(
+            "provider `{plugin}` is rate-limiting the gateway{upstream_status}; retry later"
+        ),
+        GuestErrorClass::ContentRefused => {
+            format!("provider `{plugin}` refused the content of the request{upstream_status}")
+        }
+        GuestErrorClass::NotFound => format!(
+            "provider `{plugin}` does not know the requested model or route{upstream_status}"
+        ),
+        GuestErrorClass::Upstream => match status {
+            Some(s) => format!("provider `{plugin}` failed (upstream status {s})"),
+            None => format!("provider `{plugin}` sent a malformed or unusable answer"),
+        },
+    };
+    Some(text)
 }
 
 /// Marks a response as an error so the logging layer can record it once, inside the request span.
@@ -299,4 +349,59 @@ impl IntoResponse for ApiError {
 /// The response for a handler that panicked (`CatchPanicLayer`): a 500 in OpenAI's body.
 pub fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal("handler panicked".into()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest(class: GuestErrorClass, status: Option<u16>, from_upstream: bool) -> ApiError {
+        ApiError::Plugin(PluginError::Guest {
+            plugin: "openai".into(),
+            class,
+            message: "upstream says sk-test-****cret is wrong".into(),
+            status,
+            retry_after_ms: None,
+            from_upstream,
+        })
+    }
+
+    #[test]
+    fn upstream_words_never_reach_the_body() {
+        use GuestErrorClass::*;
+        for class in [
+            InvalidRequest,
+            RateLimited,
+            Auth,
+            ContentRefused,
+            NotFound,
+            Upstream,
+        ] {
+            for status in [None, Some(400), Some(500)] {
+                let body = guest(class, status, true).openai_body().to_string();
+                assert!(!body.contains("sk-") && !body.contains("wrong"), "{body}");
+            }
+        }
+        let auth = guest(Auth, Some(401), true);
+        assert_eq!(auth.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(auth.kind(), "upstream_auth_failed");
+        let body = auth.openai_body();
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.starts_with("the provider refused the gateway's credentials"),
+            "{msg}"
+        );
+        // Even from build_request, a credential problem is the operator's, in our words.
+        assert!(
+            !guest(Auth, None, false)
+                .openai_body()
+                .to_string()
+                .contains("wrong")
+        );
+        // A build_request error is the plugin's own words about the client's request.
+        let own = guest(InvalidRequest, None, false).openai_body().to_string();
+        assert!(own.contains("wrong"), "{own}");
+        let with_status = guest(Upstream, Some(503), true).openai_body().to_string();
+        assert!(with_status.contains("upstream status 503"), "{with_status}");
+    }
 }

@@ -28,6 +28,11 @@ pub struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    pub channel: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginCallLabels {
     pub plugin: String,
     pub call: &'static str,
@@ -79,6 +84,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     upstream_duration: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    upstream_auth_failures: Family<ChannelLabels, Counter>,
     plugin_calls: Family<PluginCallLabels, Histogram, fn() -> Histogram>,
     plugin_failures: Family<PluginFailureLabels, Counter>,
     plugin_loads: Family<PluginLoadLabels, Counter>,
@@ -121,6 +127,12 @@ impl Metrics {
             "upstream_duration_seconds",
             "Time from sending to the upstream until its response headers",
             upstream_duration.clone(),
+        );
+        let upstream_auth_failures = Family::<ChannelLabels, Counter>::default();
+        registry.register(
+            "upstream_auth_failures",
+            "Upstream answers refusing the channel's credential (401, 403 or the plugin's `auth` class)",
+            upstream_auth_failures.clone(),
         );
         let plugin_calls: Family<PluginCallLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
@@ -200,6 +212,7 @@ impl Metrics {
             requests,
             request_duration,
             upstream_duration,
+            upstream_auth_failures,
             plugin_calls,
             plugin_failures,
             plugin_loads,
@@ -240,6 +253,15 @@ impl Metrics {
                 provider: provider.to_string(),
             })
             .observe(d.as_secs_f64());
+    }
+
+    /// The upstream refused a channel's credential: an operator problem (rotate or fix the key).
+    pub fn upstream_auth_failure(&self, channel: &str) {
+        self.upstream_auth_failures
+            .get_or_create(&ChannelLabels {
+                channel: channel.to_string(),
+            })
+            .inc();
     }
 
     pub fn plugin_call(&self, plugin: &str, call: &'static str, d: Duration) {

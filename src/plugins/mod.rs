@@ -5,7 +5,12 @@
 //! dropped with it. Every call runs under a memory cap ([`GuestState`] as the store's resource
 //! limiter) and a CPU bound (epoch deadline); guests get no WASI capabilities at all: every import
 //! a component declares is defined as a trap. A trap, an overrun or output that does not parse is
-//! a [`PluginError`] for that request only.
+//! a [`PluginError`] for that request only. A built request whose path would leave the channel's
+//! base URL, or that sets a header the host owns, is refused the same way (`upstream::guard`).
+//!
+//! A guest's error message is untrusted text, usually the upstream's own words (which can quote
+//! a fragment of the operator's key): it is [`redact`]ed before it goes anywhere, and only the
+//! log sees it; the client gets a message the gateway writes (`error::ApiError`).
 //!
 //! The set of loaded plugins lives in [`registry::Registry`], swapped atomically on reload: a
 //! request holds an `Arc<Plugin>` and finishes on the version it started with.
@@ -54,9 +59,14 @@ pub enum PluginError {
     Guest {
         plugin: String,
         class: GuestErrorClass,
+        /// The guest's message, [`redact`]ed: for the log only when `from_upstream`.
         message: String,
+        /// The upstream's HTTP status, when there was one.
         status: Option<u16>,
         retry_after_ms: Option<u64>,
+        /// Reported after the upstream answered (`parse_*`): the message may carry the
+        /// upstream's words. `build_request` errors are the plugin's own (it has seen no answer).
+        from_upstream: bool,
     },
     #[error("provider plugin `{plugin}` failed (trap in {call})")]
     Trap {
@@ -90,6 +100,89 @@ impl PluginError {
             Self::Busy { .. } => "busy",
         }
     }
+}
+
+/// Longest guest message kept, in characters.
+const MESSAGE_CHARS: usize = 300;
+
+/// Untrusted text (a guest's message, usually the upstream's words) made fit for a log line:
+/// anything that looks like a credential (`sk-…`, masked keys like `sk-****abcd`, tokens, long
+/// runs of base64 or hex) becomes `[redacted]`, control characters become spaces, and the
+/// length is capped.
+pub fn redact(text: &str) -> String {
+    /// Writes a finished word, redacted if it looks like a secret or follows `Bearer`/`Basic`.
+    fn flush(word: &mut String, after_scheme: &mut bool, out: &mut String) {
+        if word.is_empty() {
+            return;
+        }
+        if *after_scheme || looks_secret(word) {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(word);
+        }
+        *after_scheme = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
+        word.clear();
+    }
+    let mut out = String::with_capacity(text.len().min(MESSAGE_CHARS * 4));
+    let mut word = String::new();
+    let mut after_scheme = false;
+    for c in text.chars() {
+        if c.is_alphanumeric() || matches!(c, '-' | '_' | '+' | '/' | '=' | '*' | '.' | '~') {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut after_scheme, &mut out);
+            out.push(if c.is_control() { ' ' } else { c });
+        }
+    }
+    flush(&mut word, &mut after_scheme, &mut out);
+    match out.char_indices().nth(MESSAGE_CHARS) {
+        Some((cut, _)) => {
+            out.truncate(cut);
+            out.push('…');
+            out
+        }
+        None => out,
+    }
+}
+
+fn looks_secret(word: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "sk-",
+        "sk_",
+        "pk-",
+        "pk_",
+        "rk-",
+        "rk_",
+        "tg_",
+        "ghp_",
+        "gho_",
+        "ghs_",
+        "ghu_",
+        "github_pat_",
+        "glpat-",
+        "xoxa-",
+        "xoxb-",
+        "xoxp-",
+        "AIza",
+        "eyJ",
+        "sess-",
+    ];
+    if PREFIXES
+        .iter()
+        .any(|p| word.len() > p.len() && word.starts_with(p))
+    {
+        return true;
+    }
+    if word.contains("**") {
+        return true;
+    }
+    // A long unbroken run of letters and digits (hex, base64, a raw token); separated pieces
+    // (`gpt-4o-mini-2024-07-18`, a URL path) are words, not keys.
+    word.split(['-', '_', '.', '/', '~']).any(|piece| {
+        let digits = piece.chars().filter(char::is_ascii_digit).count();
+        let letters = piece.chars().filter(char::is_ascii_alphabetic).count();
+        (piece.len() >= 20 && digits >= 1 && letters >= 1) || piece.len() >= 40
+    })
 }
 
 /// Failure to load a component: reported, never fatal to a running gateway.
@@ -460,8 +553,17 @@ impl Session {
         })
     }
 
-    fn guest_error(&self, call: &'static str, e: wtypes::PluginError) -> PluginError {
-        let class = match e.class {
+    /// A guest's error, with its message redacted. `upstream_status` is the status the host
+    /// itself saw (for `parse_response`). A 401 or 403 is the upstream refusing the channel's
+    /// credential whatever class the plugin chose: counted per channel and logged for the operator.
+    fn guest_error(
+        &self,
+        ctx: &ChannelContext,
+        call: &'static str,
+        e: wtypes::PluginError,
+        upstream_status: Option<u16>,
+    ) -> PluginError {
+        let mut class = match e.class {
             wtypes::ErrorClass::InvalidRequest => GuestErrorClass::InvalidRequest,
             wtypes::ErrorClass::RateLimited => GuestErrorClass::RateLimited,
             wtypes::ErrorClass::Auth => GuestErrorClass::Auth,
@@ -469,13 +571,34 @@ impl Session {
             wtypes::ErrorClass::NotFound => GuestErrorClass::NotFound,
             wtypes::ErrorClass::Upstream => GuestErrorClass::Upstream,
         };
-        let _ = call;
+        let from_upstream = call != "build_request";
+        let status = upstream_status
+            .filter(|s| !(200..300).contains(s))
+            .or(e.status)
+            .filter(|s| (100..=599).contains(s));
+        if from_upstream && matches!(status, Some(401 | 403)) {
+            class = GuestErrorClass::Auth;
+        }
+        let message = redact(&e.message);
+        if class == GuestErrorClass::Auth {
+            self.host.metrics.upstream_auth_failure(&ctx.channel);
+            tracing::error!(
+                channel = %ctx.channel,
+                plugin = %self.name,
+                call,
+                upstream_status = status,
+                detail = %message,
+                "the provider refused the channel's credential: check or rotate the key in the \
+                 environment variable the channel names"
+            );
+        }
         PluginError::Guest {
             plugin: self.name.to_string(),
             class,
-            message: e.message,
-            status: e.status,
+            message,
+            status,
             retry_after_ms: e.retry_after_ms,
+            from_upstream,
         }
     }
 
@@ -519,20 +642,18 @@ impl Session {
             g.call_build_request(s, &wctx, kind, request)
         })?;
         match out {
-            Err(e) => Err(self.guest_error("build_request", e)),
+            Err(e) => Err(self.guest_error(ctx, "build_request", e, None)),
             Ok(wtypes::Outbound::Send(req)) => {
                 let method = http::Method::from_bytes(req.method.as_bytes())
                     .map_err(|_| self.bad_output("build_request", "invalid HTTP method"))?;
-                if !req.path.starts_with('/') {
-                    return Err(self.bad_output("build_request", "path must start with `/`"));
-                }
-                if req.path.contains(['\r', '\n', ' ', '#']) {
-                    return Err(self.bad_output("build_request", "path has invalid characters"));
-                }
+                crate::upstream::guard::check_path(&req.path)
+                    .map_err(|why| self.bad_output("build_request", why.0))?;
                 let mut headers = http::HeaderMap::new();
                 for h in req.headers {
                     let name = http::HeaderName::from_bytes(h.name.as_bytes())
                         .map_err(|_| self.bad_output("build_request", "invalid header name"))?;
+                    crate::upstream::guard::check_header(name.as_str())
+                        .map_err(|why| self.bad_output("build_request", why.0))?;
                     let value = http::HeaderValue::from_str(&h.value)
                         .map_err(|_| self.bad_output("build_request", "invalid header value"))?;
                     headers.append(name, value);
@@ -564,8 +685,9 @@ impl Session {
         response: InboundResponse,
     ) -> Result<String, PluginError> {
         let wctx = wit_ctx(ctx);
+        let status = response.status;
         let wresp = wtypes::HttpResponse {
-            status: response.status,
+            status,
             headers: response
                 .headers
                 .into_iter()
@@ -576,7 +698,20 @@ impl Session {
         let out = self.run("parse_response", |g, s| {
             g.call_parse_response(s, &wctx, kind, &wresp)
         })?;
-        out.map_err(|e| self.guest_error("parse_response", e))
+        match out {
+            Err(e) => Err(self.guest_error(ctx, "parse_response", e, Some(status))),
+            // The host saw the refusal itself, whatever the plugin made of it.
+            Ok(_) if matches!(status, 401 | 403) => {
+                let e = wtypes::PluginError {
+                    class: wtypes::ErrorClass::Auth,
+                    message: "the plugin did not report the upstream's refusal as an error".into(),
+                    status: Some(status),
+                    retry_after_ms: None,
+                };
+                Err(self.guest_error(ctx, "parse_response", e, Some(status)))
+            }
+            Ok(body) => Ok(body),
+        }
     }
 
     pub fn parse_stream_event(
@@ -595,7 +730,7 @@ impl Session {
                 chunks: o.chunks,
                 done: o.done,
             }),
-            Err(e) => Err(self.guest_error("parse_stream_event", e)),
+            Err(e) => Err(self.guest_error(ctx, "parse_stream_event", e, None)),
         }
     }
 
@@ -627,5 +762,47 @@ fn model_info(m: wtypes::ModelInfo) -> ModelInfo {
             per_second: p.per_second,
             per_request: p.per_request,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn upstream_text_loses_anything_like_a_key() {
+        let openai = "Incorrect API key provided: sk-test-****cret. You can find your API key at https://platform.openai.com/account/api-keys.";
+        let r = redact(openai);
+        assert!(!r.contains("sk-") && !r.contains("cret"), "{r}");
+        assert!(
+            r.starts_with("Incorrect API key provided: [redacted]"),
+            "{r}"
+        );
+        assert!(r.contains("platform.openai.com"), "{r}");
+        for secret in [
+            "sk-proj-AbCdEf0123456789abcdef0123456789",
+            "tg_3xk9Qm2pLr8vNw4tYb6zHc1dFg7jKs5a",
+            "AKIAIOSFODNN7EXAMPLE",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",
+            "AIzaSyD-1234567890abcdefghijklmnopqrstu",
+            "0123456789abcdef0123456789abcdef",
+            "dGhpcyBpcyBhIGxvbmcgYmFzZTY0IHRva2VuIDEyMw==",
+            "abcd****wxyz",
+        ] {
+            let r = redact(&format!("value {secret} refused"));
+            assert_eq!(r, "value [redacted] refused", "{secret}");
+        }
+        assert_eq!(
+            redact("header was Bearer abc.def.ghi"),
+            "header was Bearer [redacted]"
+        );
+        assert_eq!(
+            redact("model gpt-4o-2024-08-06 not found"),
+            "model gpt-4o-2024-08-06 not found"
+        );
+        assert_eq!(redact("two\nlines\r"), "two lines ");
+        let long = redact(&"word ".repeat(1000));
+        assert_eq!(long.chars().count(), super::MESSAGE_CHARS + 1);
+        assert!(long.ends_with('…'));
     }
 }

@@ -316,3 +316,129 @@ async fn metrics_and_health_live_on_the_operator_listener() {
         assert_eq!(r.status(), 200);
     }
 }
+
+/// The mock upstream with the models of the tests below; with `bounds`, small upstream bounds.
+async fn gateway_with(up: &MockUpstream, bounds: bool) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let models: String = [
+        "unauthorized",
+        "forbidden",
+        "leaky400",
+        "huge",
+        "huge-event",
+    ]
+    .iter()
+    .map(|m| format!("  - {{ name: {m}, channel: mock }}\n"))
+    .collect();
+    let mut yaml = config_yaml(Some(&up.base_url()), "", &models, &plugins);
+    if bounds {
+        yaml = yaml.replace(
+            "  stream_idle_timeout: 2s\n",
+            "  stream_idle_timeout: 2s\n  max_body_bytes: 8192\n  max_event_bytes: 4096\n",
+        );
+        assert!(yaml.contains("max_event_bytes"));
+    }
+    TestGateway::start_yaml(&yaml, dir).await
+}
+
+#[tokio::test]
+async fn a_refused_credential_is_a_generic_502_and_counted_for_the_operator() {
+    let up = MockUpstream::start().await;
+    let gw = gateway_with(&up, false).await;
+    for model in ["unauthorized", "forbidden"] {
+        let resp = gw.chat(model, false).await;
+        let body = assert_openai_error(resp, 502, "upstream_auth_failed").await;
+        let text = body.to_string();
+        assert!(!text.contains("sk-"), "{text}");
+        for upstream_words in ["Incorrect API key", "platform.openai.com", "proj_", "cret"] {
+            assert!(!text.contains(upstream_words), "{text}");
+        }
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("the provider refused the gateway's credentials"),
+            "{text}"
+        );
+        assert_eq!(body["error"]["type"], "api_error");
+    }
+    assert_eq!(up.hits(), 2);
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("tollgate_upstream_auth_failures_total{channel=\"mock\"} 2"),
+        "{m}"
+    );
+    assert!(!m.contains("sk-test"), "{m}");
+}
+
+#[tokio::test]
+async fn upstream_error_text_is_not_echoed() {
+    let up = MockUpstream::start().await;
+    let gw = gateway_with(&up, false).await;
+    let body = assert_openai_error(gw.chat("leaky400", false).await, 400, "invalid_request").await;
+    let text = body.to_string();
+    assert!(
+        !text.contains("sk-") && !text.contains("looks like a secret"),
+        "{text}"
+    );
+    assert!(text.contains("upstream status 400"), "{text}");
+    // A 5xx's message is the gateway's too.
+    let body = assert_openai_error(gw.chat("fail500", false).await, 502, "upstream_error").await;
+    let text = body.to_string();
+    assert!(!text.contains("The server had an error"), "{text}");
+    assert!(text.contains("upstream status 500"), "{text}");
+    // And a rate limit's.
+    let body = assert_openai_error(
+        gw.chat("ratelimit", false).await,
+        429,
+        "upstream_rate_limited",
+    )
+    .await;
+    assert!(!body.to_string().contains("Rate limit reached"), "{body}");
+}
+
+#[tokio::test]
+async fn a_body_over_the_bound_is_a_502_and_the_connection_is_dropped() {
+    let up = MockUpstream::start().await;
+    let gw = gateway_with(&up, true).await;
+    let body = assert_openai_error(gw.chat("huge", false).await, 502, "upstream_too_large").await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("8192"),
+        "{body}"
+    );
+    // The endless body was dropped, not read to the end.
+    for _ in 0..100 {
+        if up.cancels() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.cancels(), 1, "the upstream saw the connection go");
+    // Bodies under the bound are fine.
+    assert_eq!(gw.chat("ok", false).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_stream_event_over_the_bound_ends_the_stream_with_an_error_event() {
+    let up = MockUpstream::start().await;
+    let gw = gateway_with(&up, true).await;
+    let resp = gw.chat("huge-event", true).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    let data = sse_data(&body);
+    assert!(data.len() >= 2, "{body}");
+    let first: serde_json::Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk", "{body}");
+    assert_ne!(data.last().unwrap(), "[DONE]", "{body}");
+    let last: serde_json::Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_too_large", "{body}");
+    assert!(
+        !body.contains("yyyy"),
+        "nothing of the large event is relayed"
+    );
+    // Ordinary streams pass under the same bound.
+    let ok = gw.chat("gpt-test", true).await.text().await.unwrap();
+    assert_eq!(sse_data(&ok).last().unwrap(), "[DONE]");
+}

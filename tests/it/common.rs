@@ -243,6 +243,59 @@ async fn mock_chat(
             r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
         )
             .into_response(),
+        // OpenAI's real 401 body: its message quotes a fragment of the operator's key.
+        "unauthorized" => (
+            StatusCode::UNAUTHORIZED,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"Incorrect API key provided: sk-test-****cret. You can find your API key at https://platform.openai.com/account/api-keys.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+        )
+            .into_response(),
+        "forbidden" => (
+            StatusCode::FORBIDDEN,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"Project `proj_Xk29fLq0Zr7TbW4nYc81` does not have access to model `forbidden` with key sk-test-****cret","type":"invalid_request_error","param":null,"code":"model_not_found"}}"#,
+        )
+            .into_response(),
+        // A 400 whose message echoes something key-like.
+        "leaky400" => (
+            StatusCode::BAD_REQUEST,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"Invalid 'user': sk-proj-AbCdEf0123456789abcdef0123456789 looks like a secret","type":"invalid_request_error","param":"user","code":null}}"#,
+        )
+            .into_response(),
+        // A body that never ends (no content-length): only a reader that stops can answer.
+        "huge" => {
+            let guard = CancelGuard {
+                state: state.clone(),
+                finished: false,
+            };
+            let head = r#"{"id":"chatcmpl-huge","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+            let s = futures::stream::unfold((0u64, guard), move |(n, guard)| async move {
+                let chunk = if n == 0 {
+                    Bytes::from(head)
+                } else {
+                    Bytes::from(vec![b'x'; 1024])
+                };
+                Some((Ok::<_, std::io::Error>(chunk), (n + 1, guard)))
+            });
+            Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Body::from_stream(s))
+                .unwrap()
+        }
+        // A stream with one 16 KiB event between ordinary ones.
+        "huge-event" => {
+            let full = fixture("openai/chat_stream.sse");
+            let mut events = full.split("\n\n");
+            let first = events.next().unwrap();
+            let rest: Vec<&str> = events.collect();
+            let big = format!(
+                r#"data: {{"id":"chatcmpl-1","object":"chat.completion.chunk","choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#,
+                "y".repeat(16 * 1024)
+            );
+            sse(Body::from(format!("{first}\n\n{big}\n\n{}", rest.join("\n\n"))))
+        }
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::OK.into_response()

@@ -147,3 +147,87 @@ async fn no_plugin_ever_receives_a_secret() {
     assert!(!seen.body.contains("sk-test-secret"), "{}", seen.body);
     assert_eq!(seen.headers["authorization"], "Bearer sk-test-secret");
 }
+
+/// An upstream that counts every request, whatever its path or `Host`, and answers each with a
+/// chat completion.
+struct CatchAll {
+    base_url: String,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CatchAll {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                (
+                    [("content-type", "application/json")],
+                    fixture("openai/chat.json"),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            base_url: format!("http://{addr}/v1"),
+            hits,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_guest_cannot_leave_the_base_url_or_set_owned_headers() {
+    let up = CatchAll::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(artifact("tg_escape"), plugins.join("tg_escape.wasm")).unwrap();
+    let channels = format!(
+        "  - {{ name: ch-escape, plugin: tg_escape, base_url: \"{}\", api_key_env: MOCK_KEY }}\n",
+        up.base_url
+    );
+    let models = "  - { name: m-escape, channel: ch-escape, upstream_model: gpt-test }\n";
+    let yaml = config_yaml(None, &channels, models, &plugins);
+    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    let variants = ["dotdot", "encoded", "backslash", "host", "authorization"];
+    for variant in variants {
+        let resp = gw
+            .post_json(
+                "/v1/chat/completions",
+                serde_json::json!({"model": "m-escape", "variant": variant, "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .await;
+        let body = assert_openai_error(resp, 502, "plugin_bad_output").await;
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("tg_escape"), "{variant}: {msg}");
+        assert_eq!(up.hits(), 0, "{variant} reached the upstream");
+    }
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(&format!(
+            "tollgate_plugin_failures_total{{plugin=\"tg_escape\",call=\"build_request\",reason=\"bad_output\"}} {}",
+            variants.len()
+        )),
+        "{m}"
+    );
+    // The same guest's ordinary request goes through: only the escapes were refused.
+    let resp = gw
+        .post_json(
+            "/v1/chat/completions",
+            serde_json::json!({"model": "m-escape", "variant": "plain", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.hits(), 1);
+}

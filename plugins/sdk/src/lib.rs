@@ -49,6 +49,12 @@ pub use provider::tollgate::plugin::types::{
 pub use serde_json;
 
 /// A JSON request for the host to send: `path` is appended to the channel's base URL.
+///
+/// The host refuses (as the plugin's bad output, never sent) a path that does not start with
+/// `/` or that has a `.` or `..` segment, `//`, a backslash or a control character, also once
+/// percent-decoded; and headers it owns: `host`, `content-length`, hop-by-hop and `proxy-*`
+/// headers, and credential headers (`authorization`, `x-api-key`, `api-key`, `x-goog-api-key`,
+/// `cookie`): the host adds the credential itself.
 pub fn json_request(
     method: &str,
     path: &str,
@@ -138,7 +144,8 @@ pub fn parse_upstream<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, 
 }
 
 /// Map a failed upstream response to an error class, with the upstream's own message when it
-/// uses OpenAI's `{"error": {"message"}}` shape (or a top-level `message`).
+/// uses OpenAI's `{"error": {"message"}}` shape (or a top-level `message`). The host keeps that
+/// message for its log only (redacted); the client gets the gateway's words for the class.
 pub fn error_from_status(resp: &HttpResponse) -> PluginError {
     let status = resp.status;
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();

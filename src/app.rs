@@ -99,7 +99,7 @@ impl AppState {
             policies,
             Some(plugins.clone()),
             Some(metrics.clone()),
-            config.moderation.retain_prompts,
+            &config.moderation,
         );
         let routing = Routing::new(&config.routes, plugins);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;

@@ -88,8 +88,14 @@ struct RawModeration {
     policies_dir: String,
     #[serde(default)]
     retain_prompts: bool,
+    #[serde(default = "default_record_max_bytes")]
+    record_max_bytes: usize,
     #[serde(default = "default_true")]
     watch: bool,
+}
+
+fn default_record_max_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 impl Default for RawModeration {
@@ -97,6 +103,7 @@ impl Default for RawModeration {
         Self {
             policies_dir: default_policies_dir(),
             retain_prompts: false,
+            record_max_bytes: default_record_max_bytes(),
             watch: true,
         }
     }
@@ -488,6 +495,8 @@ pub struct ModerationConfig {
     pub policies_dir: PathBuf,
     /// Keep the prompt text in the moderation record (off by default).
     pub retain_prompts: bool,
+    /// Bytes of prompt text the moderation record keeps at most (oldest events go first).
+    pub record_max_bytes: usize,
     pub watch: bool,
 }
 
@@ -744,6 +753,7 @@ impl RawConfig {
             moderation: ModerationConfig {
                 policies_dir: PathBuf::from(self.moderation.policies_dir),
                 retain_prompts: self.moderation.retain_prompts,
+                record_max_bytes: self.moderation.record_max_bytes,
                 watch: self.moderation.watch,
             },
             plugins: PluginsConfig {

@@ -83,47 +83,143 @@ pub struct ModerationEvent {
     pub prompt: Option<String>,
 }
 
-/// The moderation record: the latest events in memory (bounded), for the admin API and tests.
+/// The moderation record: the latest events in memory, bounded in number and in bytes, for the
+/// admin API and tests; and per-key counts of blocked prompts over a sliding window.
 pub struct Record {
-    events: Mutex<VecDeque<ModerationEvent>>,
-    blocks_by_key: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU64>>,
+    events: Mutex<Events>,
+    /// Bytes of retained prompt text kept at most (`moderation.record_max_bytes`).
+    max_bytes: usize,
+    blocks_by_key: moka::sync::Cache<String, Arc<Mutex<Window>>>,
 }
 
+#[derive(Default)]
+struct Events {
+    list: VecDeque<ModerationEvent>,
+    /// Bytes of retained prompt text in `list`.
+    bytes: usize,
+}
+
+/// Events kept at most.
 const RECORD_CAPACITY: usize = 10_000;
+/// Bytes of one retained prompt (longer ones are cut at a character boundary).
+pub const RETAINED_PROMPT_MAX_BYTES: usize = 16 * 1024;
+/// The window over which a key's blocked prompts are counted.
+pub const BLOCK_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// Buckets of the window (one a minute).
+const BUCKETS: usize = 10;
+
+/// Blocked prompts of one key per minute, for the last [`BUCKETS`] minutes.
+#[derive(Default)]
+struct Window {
+    /// (minute number, count); a bucket of an older minute is stale.
+    buckets: [(i64, u64); BUCKETS],
+}
+
+impl Window {
+    fn minute(now_ms: i64) -> i64 {
+        now_ms.div_euclid(60_000)
+    }
+
+    fn add(&mut self, now_ms: i64) {
+        let m = Self::minute(now_ms);
+        let slot = &mut self.buckets[m.rem_euclid(BUCKETS as i64) as usize];
+        if slot.0 != m {
+            *slot = (m, 0);
+        }
+        slot.1 += 1;
+    }
+
+    fn count(&self, now_ms: i64) -> u64 {
+        let m = Self::minute(now_ms);
+        self.buckets
+            .iter()
+            .filter(|(minute, _)| m - minute < BUCKETS as i64 && *minute <= m)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A prompt cut to at most `max` bytes, at a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
 
 impl Record {
-    fn count_block(&self, key_id: &str) {
-        self.blocks_by_key
-            .get_with(key_id.to_string(), || {
-                Arc::new(std::sync::atomic::AtomicU64::new(0))
-            })
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            events: Mutex::new(Events::default()),
+            max_bytes,
+            blocks_by_key: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(BLOCK_WINDOW)
+                .build(),
+        }
+    }
+
+    fn count_block(&self, key_id: &str, now_ms: i64) {
+        let w = self
+            .blocks_by_key
+            .get_with(key_id.to_string(), Default::default);
+        lock(&w).add(now_ms);
     }
 
     fn push(&self, e: ModerationEvent) {
-        let mut ev = self
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if ev.len() == RECORD_CAPACITY {
-            ev.pop_front();
+        let mut ev = lock(&self.events);
+        ev.bytes += e.prompt.as_ref().map_or(0, String::len);
+        ev.list.push_back(e);
+        while ev.list.len() > RECORD_CAPACITY || ev.bytes > self.max_bytes {
+            let Some(old) = ev.list.pop_front() else {
+                break;
+            };
+            ev.bytes -= old.prompt.as_ref().map_or(0, String::len);
         }
-        ev.push_back(e);
     }
 
     pub fn recent(&self, limit: usize) -> Vec<ModerationEvent> {
-        let ev = self
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        ev.iter().rev().take(limit).cloned().collect()
+        lock(&self.events)
+            .list
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
-    /// Blocked prompts of a key (for the abnormal-usage guard).
+    /// Bytes of prompt text the record holds now.
+    pub fn retained_bytes(&self) -> usize {
+        lock(&self.events).bytes
+    }
+
+    /// Blocked prompts of a key within the last [`BLOCK_WINDOW`] (for the abnormal-usage guard).
     pub fn blocks_for_key(&self, key_id: &str) -> u64 {
         self.blocks_by_key
             .get(key_id)
-            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .map_or(0, |w| lock(&w).count(crate::store::now_ms()))
+    }
+}
+
+/// A category as a metric label: the compiled policies' categories and those a policy plugin
+/// declared in its manifest are a closed set; anything else a plugin returns is `other`.
+fn category_label<'a>(
+    category: &'a str,
+    compiled: &crate::policy::Compiled,
+    declared: &[String],
+) -> &'a str {
+    if compiled.has_category(category) || declared.iter().any(|d| d == category) {
+        category
+    } else {
+        "other"
     }
 }
 
@@ -159,17 +255,14 @@ impl Moderator {
         policies: Arc<PolicyStore>,
         plugins: Option<Arc<crate::plugins::Registry>>,
         metrics: Option<Arc<crate::metrics::Metrics>>,
-        retain_prompts: bool,
+        cfg: &crate::config::ModerationConfig,
     ) -> Self {
         Self {
             policies,
             plugins,
-            record: Record {
-                events: Mutex::new(VecDeque::new()),
-                blocks_by_key: moka::sync::Cache::builder().max_capacity(100_000).build(),
-            },
+            record: Record::new(cfg.record_max_bytes),
             metrics,
-            retain_prompts,
+            retain_prompts: cfg.retain_prompts,
         }
     }
 
@@ -183,6 +276,8 @@ impl Moderator {
         let text = extract_text(body);
         let compiled = self.policies.current();
         let mut verdict = compiled.screen(&text, set);
+        // Categories the policy plugins that ran declared: with the files', the label set.
+        let mut declared: Vec<String> = Vec::new();
         if verdict.action != Action::Block
             && let Some(registry) = &self.plugins
         {
@@ -194,6 +289,7 @@ impl Moderator {
                     route: req.route,
                     policy_set: set,
                 };
+                declared.extend(plugin.categories.iter().cloned());
                 let pv = match plugin.screen(&input) {
                     Ok(v) => v,
                     Err(e) => {
@@ -233,24 +329,30 @@ impl Moderator {
         if let Some(m) = &self.metrics {
             m.moderation_duration(started.elapsed());
         }
+        let now = crate::store::now_ms();
         for hit in &verdict.hits {
             if let Some(m) = &self.metrics {
-                m.moderation_verdict(&hit.category, hit.action.as_str());
+                m.moderation_verdict(
+                    category_label(&hit.category, &compiled, &declared),
+                    hit.action.as_str(),
+                );
             }
             self.record.push(ModerationEvent {
-                time_ms: crate::store::now_ms(),
+                time_ms: now,
                 request_id: request_id.to_string(),
                 key_id: key_id.map(str::to_string),
                 category: hit.category.clone(),
                 rule: hit.rule.clone(),
                 action: hit.action.as_str(),
-                prompt: self.retain_prompts.then(|| text.clone()),
+                prompt: self
+                    .retain_prompts
+                    .then(|| cut(&text, RETAINED_PROMPT_MAX_BYTES)),
             });
         }
         match (&verdict.action, &verdict.decisive) {
             (Action::Block, Some(hit)) => Err({
                 if let Some(k) = key_id {
-                    self.record.count_block(k);
+                    self.record.count_block(k, now);
                 }
                 Blocked {
                     category: hit.category.clone(),
@@ -265,6 +367,52 @@ impl Moderator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(prompt: Option<String>) -> ModerationEvent {
+        ModerationEvent {
+            time_ms: 0,
+            request_id: "r".into(),
+            key_id: None,
+            category: "c".into(),
+            rule: "x".into(),
+            action: "block",
+            prompt,
+        }
+    }
+
+    #[test]
+    fn the_record_is_bounded_in_bytes_and_keeps_the_newest() {
+        let r = Record::new(10 * RETAINED_PROMPT_MAX_BYTES);
+        let big = "x".repeat(RETAINED_PROMPT_MAX_BYTES);
+        for _ in 0..60 {
+            r.push(event(Some(big.clone())));
+        }
+        assert!(r.retained_bytes() <= 10 * RETAINED_PROMPT_MAX_BYTES);
+        assert_eq!(r.recent(usize::MAX).len(), 10);
+        r.push(event(None));
+        assert!(r.recent(1)[0].prompt.is_none(), "the newest is kept");
+        assert_eq!(cut("héllo", 2), "h", "cut at a character boundary");
+    }
+
+    #[test]
+    fn block_counts_slide_out_of_their_window() {
+        let r = Record::new(0);
+        let t0 = 1_000 * 60_000;
+        for i in 0..5 {
+            r.count_block("k", t0 + i * 60_000);
+        }
+        let w = r
+            .blocks_by_key
+            .get("k")
+            .map(|w| lock(&w).count(t0 + 4 * 60_000));
+        assert_eq!(w, Some(5));
+        // Nine minutes after the first block, all five are still inside the window.
+        let count_at = |t: i64| r.blocks_by_key.get("k").map_or(0, |w| lock(&w).count(t));
+        assert_eq!(count_at(t0 + 9 * 60_000), 5);
+        // Ten minutes after the first, the first has left; fourteen after, every one has.
+        assert_eq!(count_at(t0 + 10 * 60_000), 4);
+        assert_eq!(count_at(t0 + 14 * 60_000), 0);
+    }
 
     #[test]
     fn text_is_found_wherever_a_prompt_hides() {

@@ -167,7 +167,14 @@ impl Registry {
                 }
                 Err(e) => {
                     tracing::warn!(plugin = %name, file = %path.display(), error = %e, "plugin refused; the previous version keeps serving");
-                    self.metrics.plugin_load(&name, "refused");
+                    // A file name becomes a label only if it names a plugin that served here (a
+                    // closed set); any other refused file is counted as `unrecognized`.
+                    let known = old.contains_key(&name)
+                        || old_policies.contains_key(&name)
+                        || self.bundled.contains_key(&name)
+                        || self.bundled_policies.contains_key(&name);
+                    let label = if known { name.as_str() } else { "unrecognized" };
+                    self.metrics.plugin_load(label, "refused");
                     report.refused.push(format!("{e}"));
                     refused.insert(path.clone(), digest);
                     if let Some(prev) = old.get(&name) {

@@ -77,6 +77,16 @@ impl Compiled {
         self.sets.contains_key(name)
     }
 
+    /// Whether a policy file defines this category.
+    pub fn has_category(&self, name: &str) -> bool {
+        self.categories.iter().any(|c| c == name)
+    }
+
+    /// The names of every set.
+    pub fn set_names(&self) -> Vec<String> {
+        self.sets.keys().cloned().collect()
+    }
+
     /// What a set says about a category (`None`: the set does not name it).
     pub fn set_action(&self, set: &str, category: &str) -> Option<Action> {
         self.sets

@@ -71,6 +71,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("billing at start (the charge journal, open reservations): {0}")]
     Reconcile(#[from] crate::billing::BillingError),
+    #[error("models without a price (give each a `price`, or mark it `free: true`): {}", .0.join(", "))]
+    Unpriced(Vec<String>),
     #[error("policies refused:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Policies(Vec<crate::policy::PolicyError>),
 }
@@ -102,6 +104,10 @@ impl AppState {
             &config.moderation,
         );
         let routing = Routing::new(&config.routes, plugins);
+        let unpriced = routing.unpriced(&config.routes);
+        if !unpriced.is_empty() {
+            return Err(StartError::Unpriced(unpriced));
+        }
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);
         let body_budget = server::listen::BodyBudget::new(
@@ -144,7 +150,24 @@ impl AppState {
             }
             *last = digest;
         }
-        match crate::config::reload_routes(path) {
+        let loaded = crate::config::reload_routes(path).and_then(|routes| {
+            let unpriced = self.routing.unpriced(&routes);
+            if unpriced.is_empty() {
+                Ok(routes)
+            } else {
+                Err(crate::config::ConfigError::Invalid(
+                    unpriced
+                        .into_iter()
+                        .map(|m| {
+                            format!(
+                                "models: `{m}` has no price (give it one, or mark it `free: true`)"
+                            )
+                        })
+                        .collect(),
+                ))
+            }
+        });
+        match loaded {
             Ok(routes) => {
                 self.routing.replace(&routes);
                 self.metrics.config_reload("loaded");

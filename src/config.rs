@@ -353,6 +353,10 @@ struct RawModel {
     /// Prices in pico-dollars (1e-12 USD); without them, the plugin manifest's prices apply.
     #[serde(default)]
     price: Option<crate::billing::Price>,
+    /// Billed nothing, on purpose. A model with no price of its own or from its plugin's
+    /// manifest must say so; otherwise the config is refused.
+    #[serde(default)]
+    free: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -553,6 +557,8 @@ pub struct ModelConfig {
     pub channel: String,
     pub upstream_model: String,
     pub price: Option<crate::billing::Price>,
+    /// Marked free explicitly: billed nothing.
+    pub free: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -858,8 +864,15 @@ fn validate_routes(
                 seen.iter().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
+        if m.free && m.price.is_some() {
+            problems.push(format!(
+                "{key}: model `{}` has a price and `free: true`; keep one",
+                m.name
+            ));
+        }
         out.models.push(ModelConfig {
             price: m.price,
+            free: m.free,
             upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
             name: m.name,
             channel: m.channel,

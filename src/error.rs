@@ -101,6 +101,7 @@ impl ApiError {
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ContentPolicy(_) => StatusCode::BAD_REQUEST,
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Routing(RoutingError::Unpriced(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
                     GuestErrorClass::InvalidRequest => StatusCode::BAD_REQUEST,
@@ -158,6 +159,7 @@ impl ApiError {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ContentPolicy(_) => "content_policy_violation",
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
+            Self::Routing(RoutingError::Unpriced(_)) => "model_unpriced",
             Self::Plugin(e) => match e {
                 PluginError::Guest { class, .. } => match class {
                     GuestErrorClass::InvalidRequest => "invalid_request",

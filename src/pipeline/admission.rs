@@ -69,7 +69,12 @@ pub async fn admit(
 ) -> Result<Admitted, ApiError> {
     let pick = st.routing.pick(&call.model)?;
     authorize(caller.as_ref(), &pick, &call.model)?;
-    let price = pick.price();
+    // A keyed call is billed: its model must have a price (or be marked free). An anonymous
+    // call to an open model is never billed.
+    let price = match &caller {
+        Some(_) => pick.price()?,
+        None => pick.price().unwrap_or_default(),
+    };
     let estimate = money::estimate(&price, &call.need, output_cap(st, &pick, &call.need));
     let place = match &caller {
         Some(c) => {

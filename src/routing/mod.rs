@@ -18,6 +18,10 @@ pub enum RoutingError {
     UnknownModel(String),
     #[error("the provider plugin `{plugin}` serving model `{model}` is not loaded")]
     PluginNotLoaded { model: String, plugin: String },
+    #[error(
+        "the model `{0}` has no price: the operator must give it one (or mark it `free: true`)"
+    )]
+    Unpriced(String),
 }
 
 /// A configured upstream: a plugin, where it sends, and the credential the host adds.
@@ -38,14 +42,20 @@ pub struct Route {
     pub channel: Arc<Channel>,
     /// The configured price, if any (else the plugin manifest's).
     pub price: Option<crate::billing::Price>,
+    /// Marked free in config: billed nothing.
+    pub free: bool,
     /// Callable with no key (`auth.anonymous_models`): unbilled.
     pub anonymous: bool,
 }
 
 impl Route {
-    /// The price billed for this model: the configured one, else the one the serving plugin's
-    /// manifest declares for the upstream model; `None` if neither says.
+    /// The price billed for this model: the configured one, else nothing for a model marked
+    /// free, else the one the serving plugin's manifest declares for the upstream model; `None`
+    /// if none says (such a model is never billed as free: keyed calls to it are refused).
     pub fn price_with(&self, plugin: Option<&Plugin>) -> Option<crate::billing::Price> {
+        if self.free {
+            return Some(crate::billing::Price::default());
+        }
         self.price
             .or_else(|| self.model_info(plugin?).and_then(|m| m.price))
     }
@@ -78,10 +88,10 @@ pub struct Pick {
 
 impl Pick {
     /// The model's price as billed (see [`Route::price_with`]).
-    pub fn price(&self) -> crate::billing::Price {
+    pub fn price(&self) -> Result<crate::billing::Price, RoutingError> {
         self.route
             .price_with(Some(&self.plugin))
-            .unwrap_or_default()
+            .ok_or_else(|| RoutingError::Unpriced(self.route.model.clone()))
     }
 
     /// What the plugin's manifest says about the upstream model.
@@ -135,6 +145,22 @@ impl Routing {
         })
     }
 
+    /// Models of `routes` that would be billed as free by accident: no configured price, not
+    /// marked free, and a loaded plugin whose manifest has no price for the upstream model.
+    /// (A model whose plugin is not loaded yet is checked when it is called.)
+    pub fn unpriced(&self, routes: &RoutesConfig) -> Vec<String> {
+        build(routes)
+            .models
+            .values()
+            .filter(|r| {
+                self.plugins
+                    .get(&r.channel.plugin)
+                    .is_some_and(|p| r.price_with(Some(&p)).is_none())
+            })
+            .map(|r| r.model.clone())
+            .collect()
+    }
+
     /// Every public model with the plugin that would serve it now (if loaded).
     pub fn models(&self) -> Vec<(Route, Option<Arc<Plugin>>)> {
         let catalog = self.catalog.load();
@@ -179,6 +205,7 @@ fn build(routes: &RoutesConfig) -> Catalog {
                     upstream_model: m.upstream_model.clone(),
                     channel,
                     price: m.price,
+                    free: m.free,
                     anonymous: routes.anonymous_models.contains(&m.name),
                 },
             ))

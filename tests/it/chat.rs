@@ -330,7 +330,7 @@ async fn gateway_with(up: &MockUpstream, bounds: bool) -> TestGateway {
         "huge-event",
     ]
     .iter()
-    .map(|m| format!("  - {{ name: {m}, channel: mock }}\n"))
+    .map(|m| format!("  - {{ name: {m}, channel: mock, free: true }}\n"))
     .collect();
     let mut yaml = config_yaml(Some(&up.base_url()), "", &models, &plugins);
     if bounds {

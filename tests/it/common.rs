@@ -393,7 +393,7 @@ pub fn config_yaml(
             "slow-stream",
         ]
         .iter()
-        .map(|m| format!("  - {{ name: {m}, channel: mock }}\n"))
+        .map(|m| format!("  - {{ name: {m}, channel: mock, free: true }}\n"))
         .collect::<String>()
     } else {
         String::new()

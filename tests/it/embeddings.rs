@@ -12,7 +12,7 @@
 use crate::common::*;
 
 /// The mock's embedding model on its own (open) public name, and a billed one.
-const MODELS: &str = "  - { name: text-embedding-3-small, channel: mock }\n  - { name: embed-fail500, channel: mock, upstream_model: fail500 }\n  - { name: embed-malformed, channel: mock, upstream_model: malformed }\n";
+const MODELS: &str = "  - { name: text-embedding-3-small, channel: mock }\n  - { name: embed-fail500, channel: mock, upstream_model: fail500, free: true }\n  - { name: embed-malformed, channel: mock, upstream_model: malformed, free: true }\n";
 const PAID: &str = "  - { name: paid-embed, channel: mock, upstream_model: text-embedding-3-small, price: { input_per_token: 1000, output_per_token: 999999 } }\n";
 
 async fn gateway(up: &MockUpstream) -> TestGateway {

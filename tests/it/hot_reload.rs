@@ -112,7 +112,7 @@ async fn add_replace_refuse_and_remove_a_plugin_under_load() {
     let with_reload = config_yaml(
         None,
         "  - { name: reloadable, plugin: reload }\n",
-        "  - { name: reload-chat, channel: reloadable }\n",
+        "  - { name: reload-chat, channel: reloadable, free: true }\n",
         &plugins,
     );
     let gw = TestGateway::start_file(&base, dir).await;

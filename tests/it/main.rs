@@ -10,5 +10,6 @@ mod hardening;
 mod hot_reload;
 mod openai_sdk;
 mod policy;
+mod pricing;
 mod sandbox;
 mod tidy;

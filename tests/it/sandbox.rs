@@ -38,7 +38,11 @@ async fn gateway_with_guests(up: &MockUpstream) -> TestGateway {
         .collect();
     let models: String = GUESTS
         .iter()
-        .map(|g| format!("  - {{ name: m-{g}, channel: ch-{g}, upstream_model: gpt-test }}\n"))
+        .map(|g| {
+            format!(
+                "  - {{ name: m-{g}, channel: ch-{g}, upstream_model: gpt-test, free: true }}\n"
+            )
+        })
         .collect();
     let yaml = config_yaml(None, &channels, &models, &plugins);
     TestGateway::start_yaml(&yaml, dir).await
@@ -197,7 +201,8 @@ async fn a_guest_cannot_leave_the_base_url_or_set_owned_headers() {
         "  - {{ name: ch-escape, plugin: tg_escape, base_url: \"{}\", api_key_env: MOCK_KEY }}\n",
         up.base_url
     );
-    let models = "  - { name: m-escape, channel: ch-escape, upstream_model: gpt-test }\n";
+    let models =
+        "  - { name: m-escape, channel: ch-escape, upstream_model: gpt-test, free: true }\n";
     let yaml = config_yaml(None, &channels, models, &plugins);
     let gw = TestGateway::start_yaml(&yaml, dir).await;
     let variants = ["dotdot", "encoded", "backslash", "host", "authorization"];

@@ -70,7 +70,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         ));
     }
     let need = Need {
-        prompt_tokens: prompt_token_estimate(&body.raw),
+        prompt_tokens: money::prompt_tokens_bound(&body.raw),
         max_output_tokens,
         output: true,
         outputs,
@@ -84,12 +84,6 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         need,
         request_id,
     })
-}
-
-/// A generous upper estimate of the prompt's tokens, from its size (about 3 bytes a token for
-/// English; the estimate only sizes the reservation, the charge uses the real count).
-pub fn prompt_token_estimate(raw: &str) -> u64 {
-    (raw.len() as u64).div_ceil(3) + 8
 }
 
 #[tracing::instrument(name = "pipeline.chat", level = "debug", skip_all, fields(model = %call.model, stream = call.stream))]

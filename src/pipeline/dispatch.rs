@@ -61,7 +61,10 @@ pub async fn dispatch(
     let result = async {
         let ctx = route.context();
         let mut session = pick.plugin.session()?;
-        match session.build_request(&ctx, call.kind, &call.body.raw)? {
+        let outbound = super::heavy(call.body.raw.len(), || {
+            session.build_request(&ctx, call.kind, &call.body.raw)
+        })?;
+        match outbound {
             Outbound::Answer(resp) => {
                 if call.stream && is_success(resp.status) {
                     let events = relay::offline_events(&route, resp);
@@ -116,7 +119,8 @@ fn finish_json(
     expect: &Expect,
 ) -> Result<Answer, ApiError> {
     let status = resp.status;
-    let body = session.parse_response(&route.context(), kind, resp)?;
+    let ctx = route.context();
+    let body = super::heavy(resp.body.len(), || session.parse_response(&ctx, kind, resp))?;
     if !is_success(status) {
         // The plugin should have turned a failed upstream status into an error.
         return Err(session

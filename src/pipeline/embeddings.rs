@@ -88,7 +88,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         ));
     }
     let need = Need {
-        prompt_tokens: super::chat::prompt_token_estimate(&body.raw),
+        prompt_tokens: money::prompt_tokens_bound(&body.raw),
         max_output_tokens: None,
         output: false,
         outputs: 1,

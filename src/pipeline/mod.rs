@@ -148,6 +148,23 @@ pub struct Served {
 
 pub type FrameStream = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
 
+/// Inputs from this size up are screened and translated off the async worker (see [`heavy`]).
+pub const HEAVY_BYTES: usize = 64 * 1024;
+
+/// Run CPU work over `bytes` of input (screening, a plugin call): inline when small; from
+/// [`HEAVY_BYTES`] up, on a multi-threaded runtime, inside `block_in_place`, so the worker's
+/// other tasks move to another thread instead of waiting for it. (A current-thread runtime,
+/// as in tests, runs it inline.)
+pub fn heavy<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if bytes >= HEAVY_BYTES && multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 pub fn is_success(status: u16) -> bool {
     (200..300).contains(&status)
 }

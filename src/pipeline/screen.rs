@@ -22,15 +22,16 @@ impl Screened {
 pub fn screen(st: &AppState, admitted: Admitted) -> Result<Screened, ApiError> {
     let call = &admitted.call;
     let caller = admitted.caller.as_ref();
-    st.moderator.screen(
-        &call.body.json,
-        &ScreenRequest {
-            policy_set: caller.map_or("default", |c| c.policy_set.as_str()),
-            key_id: caller.map(|c| c.key_id.as_str()),
-            request_id: &call.request_id,
-            model: &call.model,
-            route: call.route,
-        },
-    )?;
+    let req = ScreenRequest {
+        policy_set: caller.map_or("default", |c| c.policy_set.as_str()),
+        key_id: caller.map(|c| c.key_id.as_str()),
+        request_id: &call.request_id,
+        model: &call.model,
+        route: call.route,
+    };
+    // A large prompt's normalization and matching (and the policy plugins) leave the worker.
+    super::heavy(call.body.raw.len(), || {
+        st.moderator.screen(&call.body.json, &req)
+    })?;
     Ok(Screened { admitted })
 }

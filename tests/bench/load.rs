@@ -2,8 +2,9 @@
 //! concurrency 1 and 64, streamed and not, first against the mock directly and then through the
 //! gateway (bundled `openai` WebAssembly plugin). Prints RPS, p50 and p99 for each and the ratios.
 //!
-//! Run: `cargo bench --bench load` (options: `LOAD_SECONDS=5`). Figures are only comparable
-//! within one run: the machine is shared.
+//! Run: `cargo bench --bench load` (options: `LOAD_SECONDS=5`; `TOLLGATE_BIN=path` drives
+//! another build of the gateway). Figures are only comparable within one run: the machine is
+//! shared.
 
 #![allow(
     clippy::unwrap_used,
@@ -27,6 +28,12 @@ use axum::routing::post;
 
 const CHAT: &str = include_str!("../fixtures/openai/chat.json");
 const STREAM: &str = include_str!("../fixtures/openai/chat_stream.sse");
+
+/// The gateway binary: this build's, or another one named by `TOLLGATE_BIN` (to compare two
+/// builds against the same mock and load generator in one run).
+fn gateway_binary() -> String {
+    std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
+}
 
 async fn mock(body: Bytes) -> Response {
     let stream = serde_json::from_slice::<serde_json::Value>(&body)
@@ -192,7 +199,7 @@ log: {{ filter: warn, json: true }}
     .unwrap();
     // An account with plenty of credit and a key, made with the CLI like an operator would.
     let cli = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = Command::new(gateway_binary())
             .args(args)
             .arg("--config")
             .arg(&config)
@@ -214,7 +221,7 @@ log: {{ filter: warn, json: true }}
         .to_string();
     let bearer = format!("Bearer {key}");
     let mut child = Child(
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        Command::new(gateway_binary())
             .args(["serve", "--config"])
             .arg(&config)
             .env("BENCH_UPSTREAM_KEY", "sk-bench")

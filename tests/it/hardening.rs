@@ -231,3 +231,43 @@ async fn a_config_change_is_seen_while_a_neighbour_file_keeps_changing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     noise.join().unwrap();
 }
+
+/// On the multi-threaded runtime that `serve` uses, a large request's plugin call leaves the
+/// worker: with one worker, another request is answered while a plugin spins on a large body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_slow_plugin_call_on_a_large_body_does_not_stall_other_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(artifact("tg_spin"), plugins.join("tg_spin.wasm")).unwrap();
+    let yaml = config_yaml(
+        None,
+        "  - { name: ch-spin, plugin: tg_spin, base_url: \"http://127.0.0.1:9\" }\n",
+        "  - { name: m-spin, channel: ch-spin, free: true }\n",
+        &plugins,
+    )
+    .replace("  max_body_bytes: 65536\n", "  max_body_bytes: 1048576\n")
+    .replace("  call_timeout: 200ms\n", "  call_timeout: 3s\n");
+    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    let big = "word ".repeat(30_000);
+    let slow = {
+        let (client, url) = (
+            gw.client.clone(),
+            format!("{}/v1/chat/completions", gw.public),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({"model": "m-spin", "messages": [{"role": "user", "content": big}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    // The spinning call has started (it runs for its whole 3 s bound).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.get("/healthz").await.status(), 200);
+    assert!(!slow.is_finished(), "answered while the plugin still spins");
+    assert_eq!(slow.await.unwrap(), 502);
+}

@@ -34,6 +34,34 @@ async fn provider_version(gw: &TestGateway, model: &str) -> Option<String> {
         })
 }
 
+/// A streamed request to `model`, its first bytes read: in flight until [`finish_stream`].
+async fn open_stream(gw: &TestGateway, model: &str) -> (reqwest::Response, String) {
+    let mut resp = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.public))
+        .json(&serde_json::json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "ping"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap();
+    (resp, String::from_utf8_lossy(&first).to_string())
+}
+
+/// The rest of a stream opened with [`open_stream`], whole.
+async fn finish_stream((resp, first): (reqwest::Response, String)) -> String {
+    first + &resp.text().await.unwrap()
+}
+
+/// Stop a load and return its failures (the caller decides which are acceptable).
+async fn stop_load(load: Load) -> Vec<String> {
+    load.stop.store(true, Ordering::Relaxed);
+    for h in load.handles {
+        h.await.unwrap();
+    }
+    load.failed.lock().unwrap().clone()
+}
+
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
@@ -130,12 +158,18 @@ async fn add_replace_refuse_and_remove_a_plugin_under_load() {
     let r: serde_json::Value = gw.chat("reload-chat", false).await.json().await.unwrap();
     assert_eq!(r["choices"][0]["message"]["content"], "reload v1");
 
-    // Replace with a new version.
+    // Replace with a new version while a stream is in flight on the old one.
+    let in_flight = open_stream(&gw, "reload-chat").await;
     drop_in(&artifact("tg_reload_v2"), &plugins.join("reload.wasm"));
     wait_for("reload v2 to serve", async || {
         provider_version(&gw, "reload-chat").await.as_deref() == Some("2.0.0")
     })
     .await;
+    let old = finish_stream(in_flight).await;
+    assert!(
+        old.contains("reload v1") && !old.contains("reload v2") && old.contains("[DONE]"),
+        "the stream begun on v1 finished on v1: {old}"
+    );
     let r: serde_json::Value = gw.chat("reload-chat", false).await.json().await.unwrap();
     assert_eq!(r["choices"][0]["message"]["content"], "reload v2");
 
@@ -156,7 +190,41 @@ async fn add_replace_refuse_and_remove_a_plugin_under_load() {
     let r: serde_json::Value = gw.chat("reload-chat", false).await.json().await.unwrap();
     assert_eq!(r["choices"][0]["message"]["content"], "reload v2");
 
-    // Remove: first the model from the config, then the file.
+    // Remove the file while its model still takes traffic: a stream in flight finishes on the
+    // old version, and new requests get a clean 503 (the plugin is not loaded), nothing else.
+    let in_flight = open_stream(&gw, "reload-chat").await;
+    std::fs::remove_file(plugins.join("reload.wasm")).unwrap();
+    wait_for("the removal to be counted", async || {
+        gw.metrics()
+            .await
+            .contains("tollgate_plugin_loads_total{plugin=\"reload\",outcome=\"removed\"} 1")
+    })
+    .await;
+    let old = finish_stream(in_flight).await;
+    assert!(
+        old.contains("reload v2") && old.contains("[DONE]"),
+        "the stream in flight finished: {old}"
+    );
+    assert_openai_error(
+        gw.chat("reload-chat", false).await,
+        503,
+        "provider_unavailable",
+    )
+    .await;
+    let unexpected: Vec<String> = stop_load(reload_load)
+        .await
+        .into_iter()
+        .filter(|f| {
+            !(f.starts_with("reload-chat: 503 Service Unavailable")
+                && f.contains("\"code\":\"provider_unavailable\""))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "after the removal only a 503 provider_unavailable is acceptable: {unexpected:?}"
+    );
+
+    // Then the model leaves the config: a 404, and the catalog no longer lists it.
     std::fs::write(&config_path, &base).unwrap();
     wait_for("reload-chat to leave the catalog", async || {
         !gw.get("/v1/models")
@@ -165,30 +233,6 @@ async fn add_replace_refuse_and_remove_a_plugin_under_load() {
             .await
             .unwrap()
             .contains("reload-chat")
-    })
-    .await;
-    // Requests that raced the config change saw 404; stop that load before checking it.
-    reload_load.stop.store(true, Ordering::Relaxed);
-    for h in reload_load.handles {
-        h.await.unwrap();
-    }
-    let raced: Vec<String> = reload_load
-        .failed
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|f| !f.contains("404"))
-        .cloned()
-        .collect();
-    assert!(
-        raced.is_empty(),
-        "only a 404 after the model left the catalog is acceptable: {raced:?}"
-    );
-    std::fs::remove_file(plugins.join("reload.wasm")).unwrap();
-    wait_for("the removal to be counted", async || {
-        gw.metrics()
-            .await
-            .contains("tollgate_plugin_loads_total{plugin=\"reload\",outcome=\"removed\"} 1")
     })
     .await;
     assert_openai_error(gw.chat("reload-chat", false).await, 404, "model_not_found").await;

@@ -1,0 +1,306 @@
+//! One request's sandboxed instance of a provider plugin (`Session`): every call with a fresh
+//! CPU deadline, its output checked, a failure classified (trap, CPU or memory overrun, guest
+//! error).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::Store;
+
+use super::*;
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    /// A fresh store and instance for one request. The session owns everything it needs, so it
+    /// can travel with a response stream.
+    pub fn session(&self) -> Result<Session, PluginError> {
+        let mut store = self.host.new_store();
+        let instance = self.pre.instantiate(&mut store).map_err(|e| {
+            let text = format!("{e:#}");
+            if text.contains("maximum concurrent") || text.contains("pooling") {
+                PluginError::Busy {
+                    plugin: self.name().into(),
+                }
+            } else {
+                classify(self.name(), "instantiate", &store, e)
+            }
+        })?;
+        Ok(Session {
+            host: self.host.clone(),
+            name: self.manifest.name.as_str().into(),
+            store,
+            instance,
+        })
+    }
+}
+
+pub(super) fn classify(
+    plugin: &str,
+    call: &'static str,
+    store: &Store<GuestState>,
+    err: wasmtime::Error,
+) -> PluginError {
+    if store.data().hit_memory_limit {
+        return PluginError::OutOfMemory {
+            plugin: plugin.into(),
+            call,
+        };
+    }
+    if let Some(wasmtime::Trap::Interrupt) = err.downcast_ref::<wasmtime::Trap>() {
+        return PluginError::Timeout {
+            plugin: plugin.into(),
+            call,
+        };
+    }
+    PluginError::Trap {
+        plugin: plugin.into(),
+        call,
+        detail: format!("{err:#}"),
+    }
+}
+
+/// One request's instance of a plugin. Every call gets a fresh CPU deadline.
+pub struct Session {
+    host: Arc<HostCore>,
+    name: Arc<str>,
+    store: Store<GuestState>,
+    instance: bindings::provider::Provider,
+}
+
+impl Session {
+    pub fn plugin_name(&self) -> &str {
+        &self.name
+    }
+
+    fn run<T>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&wit::Guest, &mut Store<GuestState>) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        self.store.set_epoch_deadline(self.host.deadline_ticks);
+        let started = Instant::now();
+        let guest = self.instance.tollgate_plugin_provider_api();
+        let out = f(guest, &mut self.store);
+        let metrics = &self.host.metrics;
+        metrics.plugin_call(&self.name, call, started.elapsed());
+        out.map_err(|e| {
+            let err = classify(&self.name, call, &self.store, e);
+            metrics.plugin_failure(&self.name, call, err.reason());
+            err
+        })
+    }
+
+    /// A guest's error, with its message redacted. `upstream_status` is the status the host
+    /// itself saw (for `parse_response`). A 401 or 403 is the upstream refusing the channel's
+    /// credential whatever class the plugin chose: counted per channel and logged for the operator.
+    fn guest_error(
+        &self,
+        ctx: &ChannelContext,
+        call: &'static str,
+        e: wtypes::PluginError,
+        upstream_status: Option<u16>,
+    ) -> PluginError {
+        let mut class = match e.class {
+            wtypes::ErrorClass::InvalidRequest => GuestErrorClass::InvalidRequest,
+            wtypes::ErrorClass::RateLimited => GuestErrorClass::RateLimited,
+            wtypes::ErrorClass::Auth => GuestErrorClass::Auth,
+            wtypes::ErrorClass::ContentRefused => GuestErrorClass::ContentRefused,
+            wtypes::ErrorClass::NotFound => GuestErrorClass::NotFound,
+            wtypes::ErrorClass::Upstream => GuestErrorClass::Upstream,
+        };
+        let from_upstream = call != "build_request";
+        let status = upstream_status
+            .filter(|s| !(200..300).contains(s))
+            .or(e.status)
+            .filter(|s| (100..=599).contains(s));
+        if from_upstream && matches!(status, Some(401 | 403)) {
+            class = GuestErrorClass::Auth;
+        }
+        let message = redact(&e.message);
+        if class == GuestErrorClass::Auth {
+            self.host.metrics.upstream_auth_failure(&ctx.channel);
+            tracing::error!(
+                channel = %ctx.channel,
+                plugin = %self.name,
+                call,
+                upstream_status = status,
+                detail = %message,
+                "the provider refused the channel's credential: check or rotate the key in the \
+                 environment variable the channel names"
+            );
+        }
+        PluginError::Guest {
+            plugin: self.name.to_string(),
+            class,
+            message,
+            status,
+            retry_after_ms: e.retry_after_ms,
+            from_upstream,
+        }
+    }
+
+    fn bad_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
+        let err = PluginError::BadOutput {
+            plugin: self.name.to_string(),
+            call,
+            detail: detail.into(),
+        };
+        self.host
+            .metrics
+            .plugin_failure(&self.name, call, err.reason());
+        err
+    }
+
+    pub fn manifest(&mut self) -> Result<Manifest, PluginError> {
+        let m = self.run("manifest", |g, s| g.call_describe(s))?;
+        Ok(Manifest {
+            name: m.name,
+            version: m.version,
+            kinds: m.kinds,
+            auth: match m.auth {
+                wtypes::AuthScheme::None => AuthScheme::None,
+                wtypes::AuthScheme::Bearer => AuthScheme::Bearer,
+                wtypes::AuthScheme::CustomHeader(h) => AuthScheme::Header(h),
+                wtypes::AuthScheme::QueryParam(q) => AuthScheme::Query(q),
+            },
+            models: m.models.into_iter().map(model_info).collect(),
+            config_keys: m.config_keys,
+        })
+    }
+
+    pub fn build_request(
+        &mut self,
+        ctx: &ChannelContext,
+        kind: &str,
+        request: &str,
+    ) -> Result<Outbound, PluginError> {
+        let wctx = wit_ctx(ctx);
+        let out = self.run("build_request", |g, s| {
+            g.call_build_request(s, &wctx, kind, request)
+        })?;
+        match out {
+            Err(e) => Err(self.guest_error(ctx, "build_request", e, None)),
+            Ok(wtypes::Outbound::Send(req)) => {
+                let method = http::Method::from_bytes(req.method.as_bytes())
+                    .map_err(|_| self.bad_output("build_request", "invalid HTTP method"))?;
+                crate::upstream::guard::check_path(&req.path)
+                    .map_err(|why| self.bad_output("build_request", why.0))?;
+                let mut headers = http::HeaderMap::new();
+                for h in req.headers {
+                    let name = http::HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| self.bad_output("build_request", "invalid header name"))?;
+                    crate::upstream::guard::check_header(name.as_str())
+                        .map_err(|why| self.bad_output("build_request", why.0))?;
+                    let value = http::HeaderValue::from_str(&h.value)
+                        .map_err(|_| self.bad_output("build_request", "invalid header value"))?;
+                    headers.append(name, value);
+                }
+                Ok(Outbound::Send(OutboundRequest {
+                    method,
+                    path: req.path,
+                    headers,
+                    body: req.body,
+                    stream: req.stream,
+                }))
+            }
+            Ok(wtypes::Outbound::Answer(resp)) => Ok(Outbound::Answer(InboundResponse {
+                status: resp.status,
+                headers: resp
+                    .headers
+                    .into_iter()
+                    .map(|h| (h.name, h.value))
+                    .collect(),
+                body: resp.body,
+            })),
+        }
+    }
+
+    pub fn parse_response(
+        &mut self,
+        ctx: &ChannelContext,
+        kind: &str,
+        response: InboundResponse,
+    ) -> Result<String, PluginError> {
+        let wctx = wit_ctx(ctx);
+        let status = response.status;
+        let wresp = wtypes::HttpResponse {
+            status,
+            headers: response
+                .headers
+                .into_iter()
+                .map(|(name, value)| wtypes::Header { name, value })
+                .collect(),
+            body: response.body,
+        };
+        let out = self.run("parse_response", |g, s| {
+            g.call_parse_response(s, &wctx, kind, &wresp)
+        })?;
+        match out {
+            Err(e) => Err(self.guest_error(ctx, "parse_response", e, Some(status))),
+            // The host saw the refusal itself, whatever the plugin made of it.
+            Ok(_) if matches!(status, 401 | 403) => {
+                let e = wtypes::PluginError {
+                    class: wtypes::ErrorClass::Auth,
+                    message: "the plugin did not report the upstream's refusal as an error".into(),
+                    status: Some(status),
+                    retry_after_ms: None,
+                };
+                Err(self.guest_error(ctx, "parse_response", e, Some(status)))
+            }
+            Ok(body) => Ok(body),
+        }
+    }
+
+    pub fn parse_stream_event(
+        &mut self,
+        ctx: &ChannelContext,
+        event: Option<String>,
+        data: String,
+    ) -> Result<StreamOutput, PluginError> {
+        let wctx = wit_ctx(ctx);
+        let ev = wtypes::SseEvent { event, data };
+        let out = self.run("parse_stream_event", |g, s| {
+            g.call_parse_stream_event(s, &wctx, &ev)
+        })?;
+        match out {
+            Ok(o) => Ok(StreamOutput {
+                chunks: o.chunks,
+                done: o.done,
+            }),
+            Err(e) => Err(self.guest_error(ctx, "parse_stream_event", e, None)),
+        }
+    }
+
+    /// A parse failure of the plugin's output detected by the host.
+    pub fn reject_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
+        self.bad_output(call, detail)
+    }
+}
+
+pub(super) fn wit_ctx(ctx: &ChannelContext) -> wtypes::ChannelContext {
+    wtypes::ChannelContext {
+        channel: ctx.channel.clone(),
+        base_url: ctx.base_url.clone(),
+        model: ctx.model.clone(),
+        options: ctx.options.clone(),
+    }
+}
+
+pub(super) fn model_info(m: wtypes::ModelInfo) -> ModelInfo {
+    ModelInfo {
+        id: m.id,
+        kinds: m.kinds,
+        context_window: m.context_window,
+        max_output_tokens: m.max_output_tokens,
+        price: m.price.map(|p| crate::billing::Price {
+            input_per_token: p.input_per_token,
+            output_per_token: p.output_per_token,
+            per_image: p.per_image,
+            per_second: p.per_second,
+            per_request: p.per_request,
+        }),
+    }
+}

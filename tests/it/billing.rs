@@ -10,14 +10,16 @@
     clippy::disallowed_methods
 )]
 
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
 use futures::StreamExt;
-use tollgate::admin::keys::{self, NewKey};
+use tollgate::accounts::{
+    self,
+    keys::{self, NewKey},
+};
 use tollgate::billing::{Billing, Credits};
 
 /// One cent per request, nothing per token: the estimate equals the charge.
@@ -130,8 +132,8 @@ fn billing(gw: &TestGateway) -> &Billing {
 
 /// An account with `usd` dollars and a key for it.
 async fn funded_key(b: &Billing, name: &str, usd: &str, new: NewKey) -> (String, String) {
-    let a = b.create_account(name).await.unwrap();
-    b.credit(&a.id, Credits::parse_usd(usd).unwrap(), "test")
+    let a = accounts::create(b, name).await.unwrap();
+    accounts::credit(b, &a.id, Credits::parse_usd(usd).unwrap(), "test")
         .await
         .unwrap();
     let (_, key) = keys::create(b, &a.id, new).await.unwrap();
@@ -171,13 +173,13 @@ async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> serde_json:
 async fn settle_down(b: &Billing, account: &str) {
     // Releases after a dropped stream run in the background: wait until nothing is held.
     for _ in 0..100 {
-        if b.account(account).await.unwrap().reserved == 0 {
+        if accounts::get(b, account).await.unwrap().reserved == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        b.account(account).await.unwrap().reserved,
+        accounts::get(b, account).await.unwrap().reserved,
         0,
         "a reservation stayed open"
     );
@@ -318,7 +320,10 @@ async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance(store: Sto
     let gw = billed_gateway(&up, store).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "crowd", "0.50", key_named("k")).await;
-    assert_eq!(b.account(&account).await.unwrap().balance, 50 * PER_REQUEST);
+    assert_eq!(
+        accounts::get(b, &account).await.unwrap().balance,
+        50 * PER_REQUEST
+    );
     let mut handles = Vec::new();
     for _ in 0..200 {
         let client = gw.client.clone();
@@ -350,7 +355,7 @@ async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance(store: Sto
         }
     }
     assert_eq!((ok, refused), (50, 150));
-    let a = b.account(&account).await.unwrap();
+    let a = accounts::get(b, &account).await.unwrap();
     assert_eq!(a.balance, 0);
     settle_down(b, &account).await;
     let charges = b
@@ -378,7 +383,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store:
     let gw = TestGateway::start_yaml(&on_store(yaml, store).await, dir).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "careful", "1", key_named("k")).await;
-    let before = b.account(&account).await.unwrap().balance;
+    let before = accounts::get(b, &account).await.unwrap().balance;
 
     assert_eq!(
         chat_with(&gw, &key, "paid-fail500", false).await.status(),
@@ -394,7 +399,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store:
     drop(body);
     settle_down(b, &account).await;
     assert_eq!(
-        b.account(&account).await.unwrap().balance,
+        accounts::get(b, &account).await.unwrap().balance,
         before,
         "failures cost nothing"
     );
@@ -891,8 +896,8 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
     let b = Billing::for_gateway(db, Duration::from_secs(60), None)
         .await
         .unwrap();
-    let a = b.create_account("batch").await.unwrap();
-    b.credit(&a.id, Credits::parse_usd("1").unwrap(), "t")
+    let a = accounts::create(&b, "batch").await.unwrap();
+    accounts::credit(&b, &a.id, Credits::parse_usd("1").unwrap(), "t")
         .await
         .unwrap();
     let price = Price {
@@ -926,7 +931,7 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
         99 * 1_000,
         "the repeated request id is charged once"
     );
-    let after = b.account(&a.id).await.unwrap();
+    let after = accounts::get(&b, &a.id).await.unwrap();
     assert_eq!(
         after.balance,
         Credits::parse_usd("1").unwrap().0 - 99 * 1_000
@@ -945,7 +950,9 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
             .await
             .is_err()
     );
-    other.credit(&a.id, big, "top-up").await.unwrap();
+    accounts::credit(&other, &a.id, big, "top-up")
+        .await
+        .unwrap();
     tokio::time::sleep(tollgate::billing::owned::RECHECK).await;
     let hold = b
         .reserve(&a.id, "key", "req-big", "m", big, price)
@@ -956,7 +963,7 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
 
 #[tokio::test]
 async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
-    use tollgate::billing::owned::{Charge, journal_path};
+    use tollgate::billing::{Charge, owned::journal_path};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("journal.db");
     let url = format!("sqlite://{}", file.display());
@@ -965,9 +972,9 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
         Duration::from_secs(60),
         None,
     );
-    let a = setup.create_account("crashed").await.unwrap();
+    let a = accounts::create(&setup, "crashed").await.unwrap();
     let start = Credits::parse_usd("1").unwrap();
-    setup.credit(&a.id, start, "t").await.unwrap();
+    accounts::credit(&setup, &a.id, start, "t").await.unwrap();
     // What a gateway killed after answering three settles, before moving them, leaves behind
     // (its last line torn by a machine crash mid-write).
     let charge = |i: i64| Charge {
@@ -998,7 +1005,7 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
         .await
         .unwrap();
     let charged = 1_000 + 2_000 + 3_000;
-    let account = b.account(&a.id).await.unwrap();
+    let account = accounts::get(&b, &a.id).await.unwrap();
     assert_eq!(account.balance, start.0 - charged);
     assert!(b.verify(&a.id).await.unwrap());
     assert_eq!(
@@ -1017,7 +1024,10 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     let b = Billing::for_gateway(db, Duration::from_secs(60), None)
         .await
         .unwrap();
-    assert_eq!(b.account(&a.id).await.unwrap().balance, start.0 - charged);
+    assert_eq!(
+        accounts::get(&b, &a.id).await.unwrap().balance,
+        start.0 - charged
+    );
     assert!(b.verify(&a.id).await.unwrap());
     let charges = b.ledger(Some(&a.id), None, 100).await.unwrap();
     assert_eq!(charges.iter().filter(|e| e.kind == "charge").count(), 3);
@@ -1063,7 +1073,7 @@ async fn a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing(sto
         assert_eq!(chat_with(&gw, &key, "paid-up", false).await.status(), 200);
     }
     settle_down(b, &account).await;
-    let (balance, hits) = (b.account(&account).await.unwrap().balance, up.hits());
+    let (balance, hits) = (accounts::get(b, &account).await.unwrap().balance, up.hits());
     let h = assert_throttled(chat_with(&gw, &key, "paid-up", false).await).await;
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(
@@ -1082,7 +1092,7 @@ async fn a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing(sto
     assert_eq!(up.hits(), hits, "a throttled request reaches no upstream");
     settle_down(b, &account).await;
     assert_eq!(
-        b.account(&account).await.unwrap().balance,
+        accounts::get(b, &account).await.unwrap().balance,
         balance,
         "and costs nothing"
     );

@@ -25,6 +25,17 @@ pub enum CreditsCommand {
         #[arg(long, default_value = "credit")]
         note: String,
     },
+    /// Take dollars from a balance (a refund, a correction); refused if what stays would not
+    /// cover the requests in flight, unless --force (then the balance may go below zero).
+    Debit {
+        account: String,
+        amount_usd: String,
+        #[arg(long, default_value = "debit")]
+        note: String,
+        /// Take it even if the balance goes below zero.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show an account's balance.
     Show { account: String },
     /// List ledger entries of an account or of one request.
@@ -93,6 +104,15 @@ pub async fn credits(billing: &Billing, cmd: CreditsCommand) -> anyhow::Result<(
         } => {
             let amount = super::parse_amount(&amount_usd)?;
             print_json(&super::credit(billing, &account, amount, &note).await?)
+        }
+        CreditsCommand::Debit {
+            account,
+            amount_usd,
+            note,
+            force,
+        } => {
+            let amount = super::parse_amount(&amount_usd)?;
+            print_json(&super::debit(billing, &account, amount, &note, force).await?)
         }
         CreditsCommand::Show { account } => print_json(&super::get(billing, &account).await?),
         CreditsCommand::Ledger {

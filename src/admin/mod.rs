@@ -1,5 +1,5 @@
 //! The admin API, on the operator listener behind `Authorization: Bearer <admin token>`:
-//! accounts, credits, keys (create, list, rotate, revoke), the ledger, moderation.
+//! accounts, credits and debits, keys (create, list, rotate, revoke), the ledger, moderation.
 //! Thin handlers: the operations themselves are `accounts`', shared with the CLI.
 
 use axum::Router;
@@ -20,6 +20,7 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/accounts", post(create_account).get(list_accounts))
         .route("/admin/accounts/{id}", get(get_account))
         .route("/admin/accounts/{id}/credits", post(add_credits))
+        .route("/admin/accounts/{id}/debits", post(add_debit))
         .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}/rotate", post(rotate_key))
         .route("/admin/keys/{id}/revoke", post(revoke_key))
@@ -147,6 +148,18 @@ struct NewCredits {
     note: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDebit {
+    /// Dollars as a decimal string ("12.50"), exact to 1e-12, more than 0.
+    amount_usd: String,
+    #[serde(default)]
+    note: Option<String>,
+    /// Take it even if the balance goes below zero (or below what requests in flight hold).
+    #[serde(default)]
+    force: bool,
+}
+
 async fn add_credits(
     State(st): State<SharedState>,
     headers: HeaderMap,
@@ -158,6 +171,22 @@ async fn add_credits(
     let amount = amount_usd(&body.amount_usd)?;
     let note = body.note.as_deref().unwrap_or("admin credit");
     let entry = accounts::credit(&st.billing, &id, amount, note).await?;
+    Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+/// Take money from an account: 400 if what stays would not cover the requests in flight,
+/// unless `force`.
+async fn add_debit(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::Json<NewDebit>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    let amount = amount_usd(&body.amount_usd)?;
+    let note = body.note.as_deref().unwrap_or("admin debit");
+    let entry = accounts::debit(&st.billing, &id, amount, note, body.force).await?;
     Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
 }
 

@@ -1256,3 +1256,256 @@ fn the_cli_issues_keys_with_limits_and_refuses_bad_ones() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tokens_per_minute"), "{err}");
 }
+
+/// `tollgate ARGS --config CONFIG`, expected to fail: its error output.
+fn cli_refused(config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("MOCK_KEY", "sk-test-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The largest balance, as the errors name it.
+const MAX_USD: &str = "9223372.036854775807";
+
+on_both_stores!(credits_stay_in_range_and_debits_never_take_what_is_held_unless_forced);
+async fn credits_stay_in_range_and_debits_never_take_what_is_held_unless_forced(store: Store) {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up, store).await;
+    let b = billing(&gw);
+    let admin = |method: reqwest::Method, path: &str| {
+        gw.client
+            .request(method, format!("{}{path}", gw.operator))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let post =
+        |path: &str, body: serde_json::Value| admin(reqwest::Method::POST, path).json(&body).send();
+    let acct: serde_json::Value = post("/admin/accounts", serde_json::json!({"name": "ranged"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = acct["id"].as_str().unwrap().to_string();
+    let credits = format!("/admin/accounts/{id}/credits");
+    let debits = format!("/admin/accounts/{id}/debits");
+    // A 400 in the admin error body whose message contains `needle`.
+    let refused = |r: reqwest::Response, needle: &'static str| async move {
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "admin_error", "{body}");
+        let message = body["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "`{needle}` not in: {message}");
+    };
+    let balance = || async { accounts::get(b, &id).await.unwrap().balance };
+
+    // Nothing that is not more than zero is a credit (no hidden negative "adjustment").
+    for amount in ["-1.00", "-0.000000000001", "0", "0.00"] {
+        refused(
+            post(&credits, serde_json::json!({"amount_usd": amount}))
+                .await
+                .unwrap(),
+            "more than 0",
+        )
+        .await;
+    }
+    assert_eq!(balance().await, 0);
+
+    // Credits up to the maximum balance; past it they are refused, naming the maximum, and the
+    // balance is unchanged (before, SQLite stored a REAL and listing accounts failed for good).
+    let r = post(&credits, serde_json::json!({"amount_usd": "9000000"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for amount in ["300000", "99999999999", "99999999999999999999"] {
+        refused(
+            post(&credits, serde_json::json!({"amount_usd": amount}))
+                .await
+                .unwrap(),
+            MAX_USD,
+        )
+        .await;
+    }
+    let r = admin(reqwest::Method::GET, "/admin/accounts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "listing accounts still works");
+    let listed: serde_json::Value = r.json().await.unwrap();
+    let listed = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["balance"], 9_000_000 * 1_000_000_000_000_i64);
+    // Exactly to the maximum is fine; one pico-dollar more is not.
+    let r = post(
+        &credits,
+        serde_json::json!({"amount_usd": "223372.036854775807"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(balance().await, i64::MAX);
+    refused(
+        post(
+            &credits,
+            serde_json::json!({"amount_usd": "0.000000000001"}),
+        )
+        .await
+        .unwrap(),
+        MAX_USD,
+    )
+    .await;
+    assert!(
+        b.verify(&id).await.unwrap(),
+        "balance equals the sum of the ledger"
+    );
+
+    // A debit: explicit, in the ledger as `debit`.
+    let r = post(
+        &debits,
+        serde_json::json!({"amount_usd": "9223371.036854775807", "note": "refund"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let entry: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(entry["kind"], "debit");
+    assert_eq!(entry["note"], "refund");
+    assert_eq!(entry["amount"], -(i64::MAX - 1_000_000_000_000));
+    assert_eq!(balance().await, 1_000_000_000_000);
+    // Not more than zero, unknown fields, an unknown account: refused.
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "-5"}))
+            .await
+            .unwrap(),
+        "more than 0",
+    )
+    .await;
+    refused(
+        post(
+            &debits,
+            serde_json::json!({"amount_usd": "0.5", "forse": true}),
+        )
+        .await
+        .unwrap(),
+        "forse",
+    )
+    .await;
+    let r = post(
+        "/admin/accounts/nobody/debits",
+        serde_json::json!({"amount_usd": "1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A request in flight holds its estimate (one cent): a debit cannot take it.
+    let (_, key) = keys::create(b, &id, key_named("k")).await.unwrap();
+    let open = chat_with(&gw, key.expose(), "paid-slow", true).await;
+    assert_eq!(open.status(), 200);
+    let mut open = open.bytes_stream();
+    open.next().await.unwrap().unwrap();
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "1"}))
+            .await
+            .unwrap(),
+        "0.990000000000",
+    )
+    .await;
+    assert_eq!(
+        balance().await,
+        1_000_000_000_000,
+        "a refused debit takes nothing"
+    );
+    let r = post(&debits, serde_json::json!({"amount_usd": "0.99"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "0.000000000001"}))
+            .await
+            .unwrap(),
+        "force",
+    )
+    .await;
+    // Forced: taken even below zero, and marked as forced in the ledger.
+    let r = post(
+        &debits,
+        serde_json::json!({"amount_usd": "5", "note": "chargeback", "force": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let entry: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(entry["kind"], "forced_debit");
+    drop(open);
+    settle_down(b, &id).await;
+    let after = balance().await;
+    assert_eq!(after, 10_000_000_000 - 5_000_000_000_000);
+    // Below zero, nothing more can be reserved.
+    assert_openai_error(
+        chat_with(&gw, key.expose(), "paid", false).await,
+        402,
+        "insufficient_quota",
+    )
+    .await;
+    let ledger = b.ledger(Some(&id), None, 1000).await.unwrap();
+    // Summed wide: in the order listed (newest first), the debits alone pass i64::MIN.
+    let sum: i128 = ledger.iter().map(|e| i128::from(e.amount)).sum();
+    assert_eq!(sum, i128::from(after));
+    assert!(b.verify(&id).await.unwrap());
+    let r = admin(reqwest::Method::GET, "/admin/accounts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+on_both_stores!(the_cli_debits_and_refuses_credits_past_the_maximum);
+async fn the_cli_debits_and_refuses_credits_past_the_maximum(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = database_url(store, dir.path(), "cli-money.db").await;
+    let config = process_config(dir.path(), &url, "http://127.0.0.1:9");
+    cli(&config, &["accounts", "create", "acme"]);
+    cli(&config, &["credits", "add", "acme", "10"]);
+    for amount in ["9223372", "99999999999"] {
+        let err = cli_refused(&config, &["credits", "add", "acme", amount]);
+        assert!(err.contains(MAX_USD), "the limit is named: {err}");
+    }
+    let err = cli_refused(&config, &["credits", "add", "acme", "0"]);
+    assert!(err.contains("more than 0"), "{err}");
+    let entry = cli(
+        &config,
+        &["credits", "debit", "acme", "4", "--note", "refund"],
+    );
+    assert_eq!(entry["kind"], "debit");
+    assert_eq!(entry["amount"], -4_000_000_000_000_i64);
+    let err = cli_refused(&config, &["credits", "debit", "acme", "7"]);
+    assert!(err.contains("force"), "{err}");
+    let entry = cli(&config, &["credits", "debit", "acme", "7", "--force"]);
+    assert_eq!(entry["kind"], "forced_debit");
+    let account = cli(&config, &["credits", "show", "acme"]);
+    assert_eq!(account["balance"], -1_000_000_000_000_i64);
+    let ledger = cli(&config, &["credits", "ledger", "--account", "acme"]);
+    let sum: i64 = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        sum, -1_000_000_000_000_i64,
+        "the ledger sums to the balance"
+    );
+    let listed = cli(&config, &["accounts", "list"]);
+    assert_eq!(listed[0]["balance_usd"], "-1.000000000000");
+}

@@ -4,6 +4,7 @@
 //! `routing` → `plugins` → `upstream`, with `config`, `error`, `metrics` and `telemetry` around
 //! them.
 
+pub mod accounts;
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -47,25 +47,26 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: tollgate::billing::cli::AccountsCommand,
+        command: tollgate::accounts::cli::AccountsCommand,
     },
     /// Credits and the ledger.
     Credits {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: tollgate::billing::cli::CreditsCommand,
+        command: tollgate::accounts::cli::CreditsCommand,
     },
     /// API keys.
     Keys {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: tollgate::billing::cli::KeysCommand,
+        command: tollgate::accounts::cli::KeysCommand,
     },
 }
 
-/// The billing handle the account, credit and key commands work on.
+/// The billing handle the account, credit and key commands work on: reservations as rows, as
+/// beside a running gateway.
 fn billing(
     rt: &tokio::runtime::Runtime,
     config: Option<&std::path::Path>,
@@ -137,19 +138,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Accounts { config, command } => {
             let rt = runtime()?;
             let b = billing(&rt, config.as_deref())?;
-            rt.block_on(tollgate::billing::cli::accounts(&b, command))?;
+            rt.block_on(tollgate::accounts::cli::accounts(&b, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Credits { config, command } => {
             let rt = runtime()?;
             let b = billing(&rt, config.as_deref())?;
-            rt.block_on(tollgate::billing::cli::credits(&b, command))?;
+            rt.block_on(tollgate::accounts::cli::credits(&b, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys { config, command } => {
             let rt = runtime()?;
             let b = billing(&rt, config.as_deref())?;
-            rt.block_on(tollgate::billing::cli::keys_cmd(&b, command))?;
+            rt.block_on(tollgate::accounts::cli::keys_cmd(&b, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin { command } => match command {

@@ -1,8 +1,6 @@
 //! The admin API, on the operator listener behind `Authorization: Bearer <admin token>`:
-//! accounts, credits, keys (create, list, rotate, revoke) and the ledger. Key management itself
-//! lives in `keys.rs`, shared with the CLI.
-
-pub mod keys;
+//! accounts, credits and debits, keys (create, list, rotate, revoke), the ledger, moderation.
+//! Thin handlers: the operations themselves are `accounts`', shared with the CLI.
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -13,14 +11,16 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::accounts::{self, AccountError, keys};
 use crate::app::SharedState;
-use crate::billing::{BillingError, Credits};
+use crate::billing::BillingError;
 
 pub fn router() -> Router<SharedState> {
     Router::new()
         .route("/admin/accounts", post(create_account).get(list_accounts))
         .route("/admin/accounts/{id}", get(get_account))
         .route("/admin/accounts/{id}/credits", post(add_credits))
+        .route("/admin/accounts/{id}/debits", post(add_debit))
         .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}/rotate", post(rotate_key))
         .route("/admin/keys/{id}/revoke", post(revoke_key))
@@ -44,6 +44,8 @@ pub enum AdminError {
     #[error(transparent)]
     Billing(#[from] BillingError),
     #[error(transparent)]
+    Accounts(#[from] AccountError),
+    #[error(transparent)]
     Keys(#[from] keys::KeyError),
 }
 
@@ -55,14 +57,20 @@ impl IntoResponse for AdminError {
             Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::NotFound
             | Self::Billing(BillingError::NoAccount)
+            | Self::Accounts(AccountError::NotFound)
             | Self::Keys(keys::KeyError::NotFound) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Billing(BillingError::InsufficientBalance { .. }) => {
                 (StatusCode::PAYMENT_REQUIRED, "insufficient_quota")
             }
-            Self::Billing(BillingError::Ledger(_)) | Self::Keys(keys::KeyError::Store(_)) => {
+            Self::Billing(BillingError::Ledger(_))
+            | Self::Accounts(AccountError::Store(_))
+            | Self::Keys(keys::KeyError::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
             }
-            Self::Keys(keys::KeyError::Invalid(_)) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::Accounts(AccountError::Invalid(_)) | Self::Keys(keys::KeyError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
+            Self::Accounts(AccountError::Refused(_)) => (StatusCode::BAD_REQUEST, "out_of_range"),
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "admin request failed");
@@ -111,10 +119,7 @@ async fn create_account(
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
     let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
-    if body.name.trim().is_empty() {
-        return Err(AdminError::Invalid("`name` must not be empty".into()));
-    }
-    let a = st.billing.create_account(body.name.trim()).await?;
+    let a = accounts::create(&st.billing, &body.name).await?;
     Ok((StatusCode::CREATED, axum::Json(a)).into_response())
 }
 
@@ -123,7 +128,7 @@ async fn list_accounts(
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
-    Ok(axum::Json(json!({"data": st.billing.accounts().await?})).into_response())
+    Ok(axum::Json(json!({"data": accounts::list(&st.billing).await?})).into_response())
 }
 
 async fn get_account(
@@ -132,15 +137,27 @@ async fn get_account(
     Path(id): Path<String>,
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
-    Ok(axum::Json(st.billing.account(&id).await?).into_response())
+    Ok(axum::Json(accounts::get(&st.billing, &id).await?).into_response())
 }
 
 #[derive(Deserialize)]
 struct NewCredits {
-    /// Dollars as a decimal string ("12.50"), exact to 1e-12.
+    /// Dollars as a decimal string ("12.50"), exact to 1e-12, more than 0.
     amount_usd: String,
     #[serde(default)]
     note: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDebit {
+    /// Dollars as a decimal string ("12.50"), exact to 1e-12, more than 0.
+    amount_usd: String,
+    #[serde(default)]
+    note: Option<String>,
+    /// Take it even if the balance goes below zero (or below what requests in flight hold).
+    #[serde(default)]
+    force: bool,
 }
 
 async fn add_credits(
@@ -151,16 +168,35 @@ async fn add_credits(
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
     let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
-    let amount = Credits::parse_usd(&body.amount_usd).ok_or_else(|| {
-        AdminError::Invalid(
-            "`amount_usd` must be a decimal dollar amount with at most 12 decimals".into(),
-        )
-    })?;
-    let entry = st
-        .billing
-        .credit(&id, amount, body.note.as_deref().unwrap_or("admin credit"))
-        .await?;
+    let amount = amount_usd(&body.amount_usd)?;
+    let note = body.note.as_deref().unwrap_or("admin credit");
+    let entry = accounts::credit(&st.billing, &id, amount, note).await?;
     Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+/// Take money from an account: 400 if what stays would not cover the requests in flight,
+/// unless `force`.
+async fn add_debit(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<axum::Json<NewDebit>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    let amount = amount_usd(&body.amount_usd)?;
+    let note = body.note.as_deref().unwrap_or("admin debit");
+    let entry = accounts::debit(&st.billing, &id, amount, note, body.force).await?;
+    Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+/// `amount_usd` of a body, the error naming the field.
+fn amount_usd(text: &str) -> Result<crate::billing::Credits, AdminError> {
+    accounts::parse_amount(text).map_err(|e| match e {
+        AccountError::Invalid(m) => AdminError::Invalid(format!("`amount_usd`: {m}")),
+        AccountError::Refused(r) => AdminError::Invalid(format!("`amount_usd`: {r}")),
+        other => other.into(),
+    })
 }
 
 async fn create_key(

@@ -1,37 +1,42 @@
 //! Money: integer credits, prices, estimates, and reserve → settle → release on an append-only
 //! ledger.
 //!
-//! Units: [`Credits`] are pico-dollars (1e-12 USD) in an `i64` (balances up to about 9.2 million
-//! USD). A price per token in pico-dollars equals a price per million tokens in micro-dollars:
-//! "$0.15 / 1M tokens" is 150_000. No float ever holds money.
+//! Units: [`Credits`] are pico-dollars (1e-12 USD) in an `i64` (balances up to
+//! [`MAX_BALANCE`], about 9.2 million USD). A price per token in pico-dollars equals a price per
+//! million tokens in micro-dollars: "$0.15 / 1M tokens" is 150_000. No float ever holds money.
 //!
 //! The ledger is append-only (triggers refuse UPDATE and DELETE) and every insert moves
 //! `accounts.balance` by its amount in the same transaction (a trigger), so the balance always
-//! equals the sum of the account's ledger entries, whoever writes.
+//! equals the sum of the account's ledger entries, whoever writes ([`ledger`]).
 //!
-//! Where open reservations live depends on who owns the database:
-//! - SQLite (one gateway per file, [`Billing::for_gateway`]): in the gateway's memory
-//!   ([`owned`]). Reserving is a check under a mutex with no write; settling is one append to
-//!   the charge journal, moved into the ledger (unique per request) in batches by one writer;
-//!   a crash leaves nothing to release, and the next start moves the journal into the ledger.
-//! - PostgreSQL (several gateways): in the `reservations` table, each step one transaction.
-//!   Reserve: `reserved += estimate` only if `balance - reserved >= estimate` (one conditional
-//!   UPDATE: concurrent requests on several instances can never overdraw). Settle: the
-//!   reservation goes `open → settled` exactly once, the charge is appended to the ledger,
-//!   `reserved -= reservation`. Release: `open → released` exactly once. Reservations left open
-//!   by a crash are released at start and by the sweeper once expired ([`Billing::reconcile`]).
+//! Where open reservations live depends on who owns the database, behind one interface,
+//! [`Reservations`], with two implementations:
+//! - [`owned::Owned`], SQLite (one gateway per file, [`Billing::for_gateway`]): in the gateway's
+//!   memory. Reserving is a check under a mutex with no write; settling is one append to the
+//!   charge journal, moved into the ledger (unique per request) in batches by one writer; a
+//!   crash leaves nothing to release, and the next start moves the journal into the ledger.
+//! - [`shared::Shared`], PostgreSQL (several gateways) and the CLI beside a running gateway
+//!   ([`Billing::new`]): rows in the `reservations` table, each step one transaction.
 //!
-//! A [`Hold`] that is dropped without `settle` releases itself.
+//! [`Billing`] is the facade the request path holds: it picks the implementation once, keeps
+//! the metrics, and hands out [`Hold`]s. A [`Hold`] that is dropped without `settle` releases
+//! itself.
 
-pub mod cli;
+pub mod ledger;
 pub mod owned;
+pub mod shared;
 
 use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::metrics::Metrics;
 use crate::store::{Backend, Db, StoreError, now_ms};
+
+pub use ledger::{Adjustment, Charge, LedgerEntry, Refusal};
 
 /// An amount of money in pico-dollars (1e-12 USD).
 #[derive(
@@ -50,6 +55,10 @@ use crate::store::{Backend, Db, StoreError, now_ms};
 pub struct Credits(pub i64);
 
 pub const PICO_PER_USD: i64 = 1_000_000_000_000;
+
+/// The largest balance an account can hold (and, negated, the lowest a forced debit can leave):
+/// `i64::MAX` pico-dollars, 9223372.036854775807 USD. Credits that would pass it are refused.
+pub const MAX_BALANCE: Credits = Credits(i64::MAX);
 
 impl Credits {
     /// Parse a decimal dollar amount ("12.50", "0.000001") exactly; at most 12 decimals.
@@ -155,41 +164,142 @@ impl From<sqlx::Error> for BillingError {
     }
 }
 
-/// One ledger line.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LedgerEntry {
-    pub id: String,
-    pub account_id: String,
-    pub key_id: Option<String>,
-    pub request_id: Option<String>,
-    pub model: Option<String>,
-    pub kind: String,
-    pub amount: i64,
-    pub amount_usd: String,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub note: Option<String>,
-    pub created_at: i64,
+/// An account's money: the stored balance, and what open reservations hold of it (on SQLite
+/// including those in this gateway's memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance {
+    pub balance: Credits,
+    pub reserved: Credits,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Account {
-    pub id: String,
-    pub name: String,
-    pub status: String,
-    pub balance: i64,
-    pub reserved: i64,
-    pub balance_usd: String,
+/// How a settle ended for the reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    /// The charge is in the ledger (or the journal); `false`: the request was charged already,
+    /// or its reservation was released first.
+    pub charged: bool,
+    /// This call closed the reservation (otherwise whoever released it did).
+    pub closed: bool,
 }
 
+/// Where open reservations live and how a settled charge reaches the ledger: the one interface
+/// with an implementation per way of owning the database ([`owned::Owned`], [`shared::Shared`]).
+/// Every method keeps the money invariants of ARCHITECTURE.md on its own; [`Billing`] adds only
+/// metrics.
+pub trait Reservations: Send + Sync {
+    /// Hold `hold.amount` on `hold.account_id`, atomically; `InsufficientBalance` if the free
+    /// balance cannot cover it or the account is not active.
+    fn reserve(&self, hold: &Hold) -> impl Future<Output = Result<(), BillingError>> + Send;
+    /// Charge `charge` (at most the reservation) and close the reservation, at most once per
+    /// request; durable when this returns.
+    fn settle(
+        &self,
+        hold: &Hold,
+        charge: Charge,
+    ) -> impl Future<Output = Result<Settled, BillingError>> + Send;
+    /// Release at once without waiting, if the reservation is in memory; `false`: use
+    /// [`Reservations::release`].
+    fn release_now(&self, hold: &Hold) -> bool;
+    /// Release (idempotent); `true` if this call closed the reservation.
+    fn release(&self, hold: &Hold) -> impl Future<Output = Result<bool, BillingError>> + Send;
+    /// Wait until every charge settled so far is in the ledger.
+    fn flush(&self) -> impl Future<Output = Result<(), BillingError>> + Send;
+    /// Release reservations left open by a crash (`at_start`) or past their lifetime; how many.
+    fn reconcile(&self, at_start: bool) -> impl Future<Output = Result<u64, BillingError>> + Send;
+    /// What this process holds for the account beyond the stored `reserved` column.
+    fn reserved_in_memory(&self, account_id: &str) -> Credits;
+    /// Post an operator's credit or debit of `amount` (> 0), refused (the balance unchanged) if
+    /// it would leave the balance out of range or, for a plain debit, below what is held.
+    fn post(
+        &self,
+        account_id: &str,
+        adjustment: Adjustment,
+        amount: Credits,
+        note: &str,
+    ) -> impl Future<Output = Result<Result<LedgerEntry, Refusal>, BillingError>> + Send;
+}
+
+/// The implementation a [`Billing`] uses, picked once (a `match`, no boxed futures on the money
+/// path).
+enum Books {
+    Owned(owned::Owned),
+    Shared(shared::Shared),
+}
+
+impl Reservations for Books {
+    async fn reserve(&self, hold: &Hold) -> Result<(), BillingError> {
+        match self {
+            Self::Owned(b) => b.reserve(hold).await,
+            Self::Shared(b) => b.reserve(hold).await,
+        }
+    }
+
+    async fn settle(&self, hold: &Hold, charge: Charge) -> Result<Settled, BillingError> {
+        match self {
+            Self::Owned(b) => b.settle(hold, charge).await,
+            Self::Shared(b) => b.settle(hold, charge).await,
+        }
+    }
+
+    fn release_now(&self, hold: &Hold) -> bool {
+        match self {
+            Self::Owned(b) => b.release_now(hold),
+            Self::Shared(b) => b.release_now(hold),
+        }
+    }
+
+    async fn release(&self, hold: &Hold) -> Result<bool, BillingError> {
+        match self {
+            Self::Owned(b) => b.release(hold).await,
+            Self::Shared(b) => b.release(hold).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), BillingError> {
+        match self {
+            Self::Owned(b) => b.flush().await,
+            Self::Shared(b) => b.flush().await,
+        }
+    }
+
+    async fn reconcile(&self, at_start: bool) -> Result<u64, BillingError> {
+        match self {
+            Self::Owned(b) => b.reconcile(at_start).await,
+            Self::Shared(b) => b.reconcile(at_start).await,
+        }
+    }
+
+    fn reserved_in_memory(&self, account_id: &str) -> Credits {
+        match self {
+            Self::Owned(b) => b.reserved_in_memory(account_id),
+            Self::Shared(b) => b.reserved_in_memory(account_id),
+        }
+    }
+
+    async fn post(
+        &self,
+        account_id: &str,
+        adjustment: Adjustment,
+        amount: Credits,
+        note: &str,
+    ) -> Result<Result<LedgerEntry, Refusal>, BillingError> {
+        match self {
+            Self::Owned(b) => b.post(account_id, adjustment, amount, note).await,
+            Self::Shared(b) => b.post(account_id, adjustment, amount, note).await,
+        }
+    }
+}
+
+/// The money handle of a gateway or of the CLI; cloning it is one reference count.
 #[derive(Clone)]
 pub struct Billing {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Db,
-    /// Open reservations in memory, when this gateway owns the database (SQLite).
-    owned: Option<std::sync::Arc<owned::Owned>>,
-    /// How long an open reservation may live before the sweeper releases it.
-    hold_ttl: Duration,
-    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    books: Books,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A reservation. `settle` charges; dropping it unsettled releases it.
@@ -214,53 +324,18 @@ impl fmt::Debug for Hold {
     }
 }
 
-type LedgerRow = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    i64,
-    Option<String>,
-    i64,
-);
-
-fn entry(r: LedgerRow) -> LedgerEntry {
-    LedgerEntry {
-        id: r.0,
-        account_id: r.1,
-        key_id: r.2,
-        request_id: r.3,
-        model: r.4,
-        kind: r.5,
-        amount: r.6,
-        amount_usd: Credits(r.6).to_string(),
-        prompt_tokens: r.7,
-        completion_tokens: r.8,
-        note: r.9,
-        created_at: r.10,
-    }
-}
-
-const LEDGER_COLUMNS: &str = "id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, note, created_at";
-
 impl Billing {
+    fn with(db: Db, books: Books, metrics: Option<Arc<Metrics>>) -> Self {
+        Self {
+            inner: Arc::new(Inner { db, books, metrics }),
+        }
+    }
+
     /// Billing on a database that other processes share: reservations are rows (PostgreSQL
     /// with several gateways, and the CLI beside a running gateway).
-    pub fn new(
-        db: Db,
-        hold_ttl: Duration,
-        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
-    ) -> Self {
-        Self {
-            db,
-            owned: None,
-            hold_ttl,
-            metrics,
-        }
+    pub fn new(db: Db, hold_ttl: Duration, metrics: Option<Arc<Metrics>>) -> Self {
+        let books = Books::Shared(shared::Shared::new(db.clone(), hold_ttl));
+        Self::with(db, books, metrics)
     }
 
     /// Billing for the gateway: on SQLite it owns the database ([`owned`]: reservations in
@@ -269,31 +344,29 @@ impl Billing {
     pub async fn for_gateway(
         db: Db,
         hold_ttl: Duration,
-        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, BillingError> {
-        let owned = match db.backend {
-            Backend::Sqlite => Some(std::sync::Arc::new(owned::Owned::open(db.clone()).await?)),
-            Backend::Postgres => None,
+        let books = match db.backend {
+            Backend::Sqlite => Books::Owned(owned::Owned::open(db.clone()).await?),
+            Backend::Postgres => Books::Shared(shared::Shared::new(db.clone(), hold_ttl)),
         };
-        Ok(Self {
-            db,
-            owned,
-            hold_ttl,
-            metrics,
-        })
+        Ok(Self::with(db, books, metrics))
     }
 
     /// Wait until every charge made so far by this gateway is in the ledger (at once unless it
     /// owns the database).
     pub async fn flush(&self) -> Result<(), BillingError> {
-        match &self.owned {
-            Some(owned) => owned.flush().await,
-            None => Ok(()),
-        }
+        self.inner.books.flush().await
     }
 
     pub fn db(&self) -> &Db {
-        &self.db
+        &self.inner.db
+    }
+
+    fn open_reservations(&self, delta: i64) {
+        if let Some(m) = &self.inner.metrics {
+            m.open_reservations(delta);
+        }
     }
 
     /// Reserve `estimate` on the account, atomically; 402 if the free balance cannot cover it.
@@ -306,236 +379,85 @@ impl Billing {
         estimate: Credits,
         price: Price,
     ) -> Result<Hold, BillingError> {
-        let id = ulid::Ulid::new().to_string();
-        if let Some(owned) = &self.owned {
-            if let Err(e) = owned.reserve(account_id, estimate).await {
-                if let (BillingError::InsufficientBalance { .. }, Some(m)) = (&e, &self.metrics) {
-                    m.payment_required(model);
-                }
-                return Err(e);
-            }
-        } else {
-            self.reserve_row(&id, account_id, key_id, request_id, model, estimate)
-                .await?;
-        }
-        if let Some(m) = &self.metrics {
-            m.open_reservations(1);
-        }
-        Ok(Hold {
+        let mut hold = Hold {
             billing: self.clone(),
-            id,
+            id: ulid::Ulid::new().to_string(),
             account_id: account_id.into(),
             key_id: key_id.into(),
             request_id: request_id.into(),
             model: model.into(),
             amount: estimate,
             price,
-            done: false,
-        })
-    }
-
-    /// The shared-database reservation: one conditional UPDATE and the reservation row.
-    async fn reserve_row(
-        &self,
-        id: &str,
-        account_id: &str,
-        key_id: &str,
-        request_id: &str,
-        model: &str,
-        estimate: Credits,
-    ) -> Result<(), BillingError> {
-        let mut tx = self.db.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2 AND status = 'active' AND balance - reserved >= $1",
-        )
-        .bind(estimate.0)
-        .bind(account_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            tx.rollback().await?;
-            if let Some(m) = &self.metrics {
+            // Nothing to release until the reservation is made.
+            done: true,
+        };
+        if let Err(e) = self.inner.books.reserve(&hold).await {
+            if let (BillingError::InsufficientBalance { .. }, Some(m)) = (&e, &self.inner.metrics) {
                 m.payment_required(model);
             }
-            return Err(BillingError::InsufficientBalance { estimate });
+            return Err(e);
         }
-        let now = now_ms();
-        let ttl = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO reservations (id, account_id, key_id, request_id, model, amount, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
-        )
-        .bind(id)
-        .bind(account_id)
-        .bind(key_id)
-        .bind(request_id)
-        .bind(model)
-        .bind(estimate.0)
-        .bind(now)
-        .bind(now.saturating_add(ttl))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Release a hold kept in this gateway's memory, at once; `false` if holds are rows here.
-    fn release_in_memory(&self, account_id: &str, amount: Credits) -> bool {
-        let Some(owned) = &self.owned else {
-            return false;
-        };
-        owned.release(account_id, amount);
-        if let Some(m) = &self.metrics {
-            m.open_reservations(-1);
-        }
-        true
+        hold.done = false;
+        self.open_reservations(1);
+        Ok(hold)
     }
 
     /// Release a hold: in memory at once, or its row (idempotent).
-    async fn release(&self, hold_id: &str, account_id: &str, amount: Credits) {
-        if self.release_in_memory(account_id, amount) {
-            return;
+    async fn release(&self, hold: &Hold) {
+        match self.inner.books.release(hold).await {
+            Ok(true) => self.open_reservations(-1),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(reservation = %hold.id, error = %e, "release failed; the sweeper will release it when it expires");
+            }
         }
-        if let Err(e) = self.release_row(hold_id).await {
-            tracing::error!(reservation = %hold_id, error = %e, "release failed; the sweeper will release it when it expires");
-        }
-    }
-
-    /// Release an open reservation row (idempotent).
-    async fn release_row(&self, id: &str) -> Result<bool, BillingError> {
-        let mut tx = self.db.pool.begin().await?;
-        let row: Option<(String, i64)> = sqlx::query_as(
-            "UPDATE reservations SET state = 'released' WHERE id = $1 AND state = 'open' RETURNING account_id, amount",
-        )
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((account, amount)) = row else {
-            tx.rollback().await?;
-            return Ok(false);
-        };
-        sqlx::query("UPDATE accounts SET reserved = reserved - $1 WHERE id = $2")
-            .bind(amount)
-            .bind(&account)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        if let Some(m) = &self.metrics {
-            m.open_reservations(-1);
-        }
-        Ok(true)
     }
 
     /// Release every reservation left open by a crash (at start: all of them on SQLite, which
     /// has one gateway; the expired ones on PostgreSQL, shared by several) and, when called
     /// periodically, every expired one. Returns how many were released.
     pub async fn reconcile(&self, at_start: bool) -> Result<u64, BillingError> {
-        let all = at_start && self.db.backend == Backend::Sqlite;
-        let ids: Vec<(String,)> = if all {
-            sqlx::query_as("SELECT id FROM reservations WHERE state = 'open'")
-                .fetch_all(&self.db.pool)
-                .await?
-        } else {
-            sqlx::query_as("SELECT id FROM reservations WHERE state = 'open' AND expires_at < $1")
-                .bind(now_ms())
-                .fetch_all(&self.db.pool)
-                .await?
-        };
-        let mut n = 0;
-        for (id,) in ids {
-            if self.release_row(&id).await? {
-                n += 1;
-            }
-        }
+        let n = self.inner.books.reconcile(at_start).await?;
+        self.open_reservations(-i64::try_from(n).unwrap_or(i64::MAX));
         Ok(n)
     }
 
-    pub async fn create_account(&self, name: &str) -> Result<Account, BillingError> {
-        let id = format!("acct_{}", ulid::Ulid::new());
-        sqlx::query("INSERT INTO accounts (id, name, status, balance, reserved, created_at) VALUES ($1, $2, 'active', 0, 0, $3)")
-            .bind(&id)
-            .bind(name)
-            .bind(now_ms())
-            .execute(&self.db.pool)
-            .await?;
-        self.account(&id).await
-    }
-
-    /// An account by id or by name.
-    pub async fn account(&self, id_or_name: &str) -> Result<Account, BillingError> {
+    /// An account's balance and what is reserved of it, once every charge so far is in the
+    /// ledger.
+    pub async fn balance(&self, account_id: &str) -> Result<Balance, BillingError> {
         self.flush().await?;
-        let row: Option<(String, String, String, i64, i64)> = sqlx::query_as(
-            "SELECT id, name, status, balance, reserved FROM accounts WHERE id = $1 OR name = $1",
-        )
-        .bind(id_or_name)
-        .fetch_optional(&self.db.pool)
-        .await?;
-        let (id, name, status, balance, mut reserved) = row.ok_or(BillingError::NoAccount)?;
-        if let Some(owned) = &self.owned {
-            reserved = reserved.saturating_add(owned.reserved(&id));
-        }
-        Ok(Account {
-            id,
-            name,
-            status,
-            balance,
-            reserved,
-            balance_usd: Credits(balance).to_string(),
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.inner.db.pool)
+                .await?;
+        let (balance, reserved) = row.ok_or(BillingError::NoAccount)?;
+        let in_memory = self.inner.books.reserved_in_memory(account_id);
+        Ok(Balance {
+            balance: Credits(balance),
+            reserved: Credits(reserved.saturating_add(in_memory.0)),
         })
     }
 
-    pub async fn accounts(&self) -> Result<Vec<Account>, BillingError> {
-        let rows: Vec<(String,)> = sqlx::query_as("SELECT id FROM accounts ORDER BY created_at")
-            .fetch_all(&self.db.pool)
-            .await?;
-        let mut out = Vec::new();
-        for (id,) in rows {
-            out.push(self.account(&id).await?);
-        }
-        Ok(out)
-    }
-
-    /// Add credits (or, negative, an adjustment) to an account: a ledger entry and the balance.
-    pub async fn credit(
+    /// Post an operator's credit or debit (see [`Adjustment`]) of `amount` on an account (by
+    /// id): the entry, or why it was refused.
+    pub async fn post(
         &self,
         account_id: &str,
+        adjustment: Adjustment,
         amount: Credits,
         note: &str,
-    ) -> Result<LedgerEntry, BillingError> {
-        let account = self.account(account_id).await?;
-        let id = ulid::Ulid::new().to_string();
-        let kind = if amount.0 >= 0 {
-            "credit"
-        } else {
-            "adjustment"
-        };
-        // One statement: the ledger trigger moves the balance in the same transaction.
-        sqlx::query(
-            "INSERT INTO ledger (id, account_id, kind, amount, note, created_at, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&id)
-        .bind(&account.id)
-        .bind(kind)
-        .bind(amount.0)
-        .bind(note)
-        .bind(now_ms())
-        .bind(format!("credit-{id}"))
-        .execute(&self.db.pool)
-        .await?;
-        self.ledger_entry(&id).await
+    ) -> Result<Result<LedgerEntry, Refusal>, BillingError> {
+        if amount.0 <= 0 {
+            return Ok(Err(Refusal::NotPositive));
+        }
+        self.inner
+            .books
+            .post(account_id, adjustment, amount, note)
+            .await
     }
 
-    async fn ledger_entry(&self, id: &str) -> Result<LedgerEntry, BillingError> {
-        let row: LedgerRow = sqlx::query_as(&format!(
-            "SELECT {LEDGER_COLUMNS} FROM ledger WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        Ok(entry(row))
-    }
-
-    /// Ledger lines of an account (newest first), or of one request.
+    /// Ledger lines of an account (by id or name; newest first), or of one request.
     pub async fn ledger(
         &self,
         account: Option<&str>,
@@ -543,28 +465,7 @@ impl Billing {
         limit: i64,
     ) -> Result<Vec<LedgerEntry>, BillingError> {
         self.flush().await?;
-        let rows: Vec<LedgerRow> = match (account, request_id) {
-            (_, Some(r)) => {
-                sqlx::query_as(&format!(
-                    "SELECT {LEDGER_COLUMNS} FROM ledger WHERE request_id = $1 ORDER BY id"
-                ))
-                .bind(r)
-                .fetch_all(&self.db.pool)
-                .await?
-            }
-            (Some(a), None) => {
-                let account = self.account(a).await?;
-                sqlx::query_as(&format!(
-                    "SELECT {LEDGER_COLUMNS} FROM ledger WHERE account_id = $1 ORDER BY id DESC LIMIT $2"
-                ))
-                .bind(&account.id)
-                .bind(limit)
-                .fetch_all(&self.db.pool)
-                .await?
-            }
-            (None, None) => Vec::new(),
-        };
-        Ok(rows.into_iter().map(entry).collect())
+        ledger::entries(&self.inner.db, account, request_id, limit).await
     }
 
     /// What a key was charged since `since_ms` (for its daily spend limit).
@@ -575,38 +476,15 @@ impl Billing {
         since_ms: i64,
     ) -> Result<Credits, BillingError> {
         self.flush().await?;
-        let (spent,): (i64,) = sqlx::query_as(
-            "SELECT CAST(COALESCE(SUM(-amount), 0) AS BIGINT) FROM ledger \
-             WHERE account_id = $1 AND created_at >= $2 AND key_id = $3 AND kind = 'charge'",
-        )
-        .bind(account_id)
-        .bind(since_ms)
-        .bind(key_id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        Ok(Credits(spent))
+        ledger::spent_by_key_since(&self.inner.db, account_id, key_id, since_ms).await
     }
 
-    /// The balance equals the sum of the ledger, and `reserved` equals the open reservations.
-    pub async fn verify(&self, account_id: &str) -> Result<bool, BillingError> {
-        let mut account = self.account(account_id).await?;
-        if let Some(owned) = &self.owned {
-            // Compare the table with the stored column, not with this process's memory.
-            account.reserved = account.reserved.saturating_sub(owned.reserved(&account.id));
-        }
-        let (sum,): (i64,) = sqlx::query_as(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1",
-        )
-        .bind(&account.id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        let (open,): (i64,) = sqlx::query_as(
-            "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM reservations WHERE account_id = $1 AND state = 'open'",
-        )
-        .bind(&account.id)
-        .fetch_one(&self.db.pool)
-        .await?;
-        Ok(sum == account.balance && open == account.reserved && account.balance >= 0)
+    /// The balance equals the sum of the ledger, the stored `reserved` equals the open
+    /// reservation rows, and the balance is below zero only after a forced debit.
+    pub async fn verify(&self, account: &str) -> Result<bool, BillingError> {
+        self.flush().await?;
+        let id = ledger::account_id(&self.inner.db, account).await?;
+        ledger::verify(&self.inner.db, &id).await
     }
 }
 
@@ -616,65 +494,28 @@ impl Hold {
     pub async fn settle(mut self, usage: Usage) -> Result<Credits, BillingError> {
         self.done = true;
         let cost = self.price.cost(&usage).min(self.amount);
-        let b = &self.billing;
-        let charged = match &b.owned {
-            Some(owned) => owned.charge(self.charge(cost, &usage), self.amount)?,
-            None => self.settle_row(cost, &usage).await?,
-        };
-        if let Some(m) = &b.metrics {
-            // A row that was not closed here was closed (and counted) by whoever released it.
-            if charged || b.owned.is_some() {
-                m.open_reservations(-1);
-            }
-            if charged {
-                m.spend(
-                    &self.model,
-                    cost.0,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                );
-            }
+        let charge = self.charge(cost, &usage);
+        let billing = &self.billing;
+        let settled = billing.inner.books.settle(&self, charge).await?;
+        if settled.closed {
+            billing.open_reservations(-1);
         }
-        Ok(if charged { cost } else { Credits(0) })
+        if !settled.charged {
+            return Ok(Credits(0));
+        }
+        if let Some(m) = &billing.inner.metrics {
+            m.spend(
+                &self.model,
+                cost.0,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            );
+        }
+        Ok(cost)
     }
 
-    /// The shared-database settle: close the reservation row exactly once, append the charge,
-    /// give the reservation back; one transaction.
-    async fn settle_row(&self, cost: Credits, usage: &Usage) -> Result<bool, BillingError> {
-        let mut tx = self.billing.db.pool.begin().await?;
-        let closed = sqlx::query(
-            "UPDATE reservations SET state = 'settled' WHERE id = $1 AND state = 'open'",
-        )
-        .bind(&self.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if closed != 1 {
-            // Released already (expired and swept): nothing may be charged twice or late.
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let charge = self.charge(cost, usage);
-        if owned::insert_charges(&mut *tx, std::slice::from_ref(&charge))
-            .await?
-            .is_empty()
-        {
-            // Charged already under this request id: this reservation only needs releasing.
-            tx.rollback().await?;
-            self.billing.release_row(&self.id).await?;
-            return Ok(false);
-        }
-        sqlx::query("UPDATE accounts SET reserved = reserved - $1 WHERE id = $2")
-            .bind(self.amount.0)
-            .bind(&self.account_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    fn charge(&self, cost: Credits, usage: &Usage) -> owned::Charge {
-        owned::Charge {
+    fn charge(&self, cost: Credits, usage: &Usage) -> Charge {
+        Charge {
             id: ulid::Ulid::new().to_string(),
             account_id: self.account_id.clone(),
             key_id: self.key_id.clone(),
@@ -692,9 +533,7 @@ impl Hold {
     /// Release now, waiting for it (the normal failure path).
     pub async fn release(mut self) {
         self.done = true;
-        self.billing
-            .release(&self.id, &self.account_id, self.amount)
-            .await;
+        self.billing.release(&self).await;
     }
 }
 
@@ -703,20 +542,28 @@ impl Drop for Hold {
         if self.done {
             return;
         }
-        // A failure, timeout or disconnect dropped the hold: release it in the background. If the
-        // process dies first, `reconcile` releases it at the next start (or once expired).
-        if self
-            .billing
-            .release_in_memory(&self.account_id, self.amount)
-        {
+        self.done = true;
+        // A failure, timeout or disconnect dropped the hold: release it, in the background
+        // unless it is in memory. If the process dies first, `reconcile` releases it at the next
+        // start (or once expired).
+        let billing = self.billing.clone();
+        if billing.inner.books.release_now(self) {
+            billing.open_reservations(-1);
             return;
         }
-        let billing = self.billing.clone();
-        let id = std::mem::take(&mut self.id);
-        let account = std::mem::take(&mut self.account_id);
-        let amount = self.amount;
+        let hold = Hold {
+            billing: billing.clone(),
+            id: std::mem::take(&mut self.id),
+            account_id: std::mem::take(&mut self.account_id),
+            key_id: std::mem::take(&mut self.key_id),
+            request_id: std::mem::take(&mut self.request_id),
+            model: std::mem::take(&mut self.model),
+            amount: self.amount,
+            price: self.price,
+            done: true,
+        };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { billing.release(&id, &account, amount).await });
+            rt.spawn(async move { billing.release(&hold).await });
         }
     }
 }

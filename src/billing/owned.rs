@@ -21,9 +21,14 @@
 //! [`RECHECK`] (on the writer task, after the waiting charges are in the ledger), so credits
 //! added from the CLI (another process) are seen within a second. A request id is charged once:
 //! the ids of recent charges are kept in memory, and the ledger's unique index catches any other.
+//!
+//! An operator's credit or debit through this gateway (the admin API) is written by the writer
+//! task, which moves the balance in memory by it (so no reload can put back a balance read
+//! before it); a plain debit first holds its amount like a request, so it never takes what
+//! requests in flight hold or what charges not yet moved will take. One made by another process
+//! (the CLI) is checked against the stored balance only and seen here at the next reload.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,7 +38,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Db, StoreError};
 
-use super::{BillingError, Credits};
+use super::ledger::{self, Adjustment, Charge, LedgerEntry, Refusal, insert_charges};
+use super::{BillingError, Credits, Hold, Reservations, Settled};
 
 /// How long a loaded balance serves before it is read again.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -49,22 +55,6 @@ const RECENT: usize = 100_000;
 /// The longest pause between two attempts to move charges into a failing database.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One ledger charge, as it is journaled and inserted.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Charge {
-    pub id: String,
-    pub account_id: String,
-    pub key_id: String,
-    pub request_id: String,
-    pub model: String,
-    pub cost: Credits,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub images: i64,
-    pub seconds: i64,
-    pub created_at: i64,
-}
-
 enum Command {
     /// Move the waiting charges into the ledger.
     Move,
@@ -73,9 +63,22 @@ enum Command {
     /// Move the waiting charges, then answer (readers of the ledger see every charge), with
     /// the error if some could not be moved.
     Flush(oneshot::Sender<Result<(), BillingError>>),
+    /// Post an operator's entry and move the balance in memory by it. On the writer task, so
+    /// no reload can put back a balance read before the entry.
+    Post(Post, oneshot::Sender<Posted>),
 }
 
+struct Post {
+    account_id: String,
+    adjustment: Adjustment,
+    amount: Credits,
+    note: String,
+}
+
+type Posted = Result<Result<LedgerEntry, Refusal>, BillingError>;
+
 pub struct Owned {
+    db: Db,
     accounts: Arc<Accounts>,
     journal: Arc<Mutex<Journal>>,
     writer: mpsc::UnboundedSender<Command>,
@@ -111,7 +114,8 @@ struct State {
 
 enum Decision {
     Reserved,
-    Refused,
+    /// The free balance at the refusal.
+    Refused(i64),
     Reload,
 }
 
@@ -240,8 +244,14 @@ impl Owned {
             order: VecDeque::new(),
         }));
         let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(db, accounts.clone(), journal.clone(), rx));
+        tokio::spawn(write_loop(
+            db.clone(),
+            accounts.clone(),
+            journal.clone(),
+            rx,
+        ));
         Ok(Self {
+            db,
             accounts,
             journal,
             writer,
@@ -257,8 +267,14 @@ impl Owned {
         rx.await.map_err(|_| writer_gone())
     }
 
-    /// Reserve `estimate` if the free balance covers it.
-    pub async fn reserve(&self, account_id: &str, estimate: Credits) -> Result<(), BillingError> {
+    /// Hold `amount` if the free balance covers it (and, for a request, the account is
+    /// active); otherwise the free balance, read at most [`RECHECK`] ago.
+    async fn hold(
+        &self,
+        account_id: &str,
+        amount: Credits,
+        need_active: bool,
+    ) -> Result<Result<(), Credits>, BillingError> {
         for attempt in 0..2 {
             let decision =
                 self.accounts
@@ -268,11 +284,11 @@ impl Owned {
                                 .balance
                                 .saturating_sub(s.unmoved)
                                 .saturating_sub(s.reserved);
-                            if s.active && free >= estimate.0 {
-                                s.reserved = s.reserved.saturating_add(estimate.0);
+                            if (s.active || !need_active) && free >= amount.0 {
+                                s.reserved = s.reserved.saturating_add(amount.0);
                                 Decision::Reserved
                             } else if attempt == 1 || age < RECHECK {
-                                Decision::Refused
+                                Decision::Refused(free)
                             } else {
                                 Decision::Reload
                             }
@@ -280,19 +296,25 @@ impl Owned {
                         _ => Decision::Reload,
                     });
             match decision {
-                Decision::Reserved => return Ok(()),
-                Decision::Refused => break,
+                Decision::Reserved => return Ok(Ok(())),
+                Decision::Refused(free) => return Ok(Err(Credits(free))),
                 Decision::Reload => {
                     self.ask(|tx| Command::Reload(account_id.to_string(), tx))
                         .await??
                 }
             }
         }
-        Err(BillingError::InsufficientBalance { estimate })
+        // Reloaded and still not decided: refuse on what memory holds now.
+        let free = self.accounts.with(account_id, |s| {
+            s.balance
+                .saturating_sub(s.unmoved)
+                .saturating_sub(s.reserved)
+        });
+        Ok(Err(Credits(free)))
     }
 
     /// Give `amount` back to the free balance.
-    pub fn release(&self, account_id: &str, amount: Credits) {
+    fn give_back(&self, account_id: &str, amount: Credits) {
         if let Some(slot) = self.accounts.existing(account_id) {
             let mut s = lock(&slot);
             s.reserved = s.reserved.saturating_sub(amount.0).max(0);
@@ -303,7 +325,7 @@ impl Owned {
     /// reservation `reserved` (released whatever happens). `true` if charged, `false` if the
     /// request was charged already. Returns once the charge is durable; the writer moves it
     /// into the ledger soon after.
-    pub fn charge(&self, charge: Charge, reserved: Credits) -> Result<bool, BillingError> {
+    fn charge(&self, charge: Charge, reserved: Credits) -> Result<bool, BillingError> {
         let mut text = Vec::with_capacity(320);
         let serialized = line(&mut text, &charge);
         let mut j = lock(&self.journal);
@@ -331,17 +353,92 @@ impl Owned {
         }
         outcome
     }
+}
+
+impl Reservations for Owned {
+    /// A check and an addition under the account's mutex; no write.
+    async fn reserve(&self, hold: &Hold) -> Result<(), BillingError> {
+        match self.hold(&hold.account_id, hold.amount, true).await? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(BillingError::InsufficientBalance {
+                estimate: hold.amount,
+            }),
+        }
+    }
+
+    /// One append to the charge journal; the reservation is released whatever happens.
+    async fn settle(&self, hold: &Hold, charge: Charge) -> Result<Settled, BillingError> {
+        let charged = self.charge(charge, hold.amount)?;
+        Ok(Settled {
+            charged,
+            closed: true,
+        })
+    }
+
+    fn release_now(&self, hold: &Hold) -> bool {
+        self.give_back(&hold.account_id, hold.amount);
+        true
+    }
+
+    async fn release(&self, hold: &Hold) -> Result<bool, BillingError> {
+        Ok(self.release_now(hold))
+    }
 
     /// Wait until every charge made so far is in the ledger.
-    pub async fn flush(&self) -> Result<(), BillingError> {
+    async fn flush(&self) -> Result<(), BillingError> {
         self.ask(Command::Flush).await?
     }
 
+    /// Nothing this gateway holds can be left open by a crash (it was only in memory); at
+    /// start, rows an earlier version left open in the reservations table are released.
+    async fn reconcile(&self, at_start: bool) -> Result<u64, BillingError> {
+        if at_start {
+            super::shared::release_open_rows(&self.db, true).await
+        } else {
+            Ok(0)
+        }
+    }
+
     /// The in-memory open reservations of an account (0 if it never reserved here).
-    pub fn reserved(&self, account_id: &str) -> i64 {
-        self.accounts
-            .existing(account_id)
-            .map_or(0, |slot| lock(&slot).reserved)
+    fn reserved_in_memory(&self, account_id: &str) -> Credits {
+        Credits(
+            self.accounts
+                .existing(account_id)
+                .map_or(0, |slot| lock(&slot).reserved),
+        )
+    }
+
+    /// A plain debit first holds its amount in memory like a request (so it is checked against
+    /// the charges not yet moved and the requests in flight); the entry itself is written by the
+    /// writer task, which moves the balance in memory by it.
+    async fn post(
+        &self,
+        account_id: &str,
+        adjustment: Adjustment,
+        amount: Credits,
+        note: &str,
+    ) -> Result<Result<LedgerEntry, Refusal>, BillingError> {
+        if amount.0 <= 0 {
+            return Ok(Err(Refusal::NotPositive));
+        }
+        let held = adjustment == Adjustment::Debit;
+        if held && let Err(free) = self.hold(account_id, amount, false).await? {
+            return Ok(Err(Refusal::Overdraw { free }));
+        }
+        let post = Post {
+            account_id: account_id.to_string(),
+            adjustment,
+            amount,
+            note: note.to_string(),
+        };
+        let posted = match self.ask(|tx| Command::Post(post, tx)).await {
+            Ok(posted) => posted,
+            Err(e) => Err(e),
+        };
+        if held {
+            self.give_back(account_id, amount);
+        }
+        posted
     }
 }
 
@@ -391,6 +488,9 @@ async fn write_loop(
                         Ok(()) => Ok(()),
                         Err(e) => Err(io_error("moving charges into the ledger", e)),
                     });
+                }
+                Command::Post(post, reply) => {
+                    let _ = reply.send(post_entry(&db, &accounts, post).await);
                 }
             }
         }
@@ -495,59 +595,24 @@ async fn recover(db: &Db, path: &Path) -> Result<u64, BillingError> {
     Ok(moved)
 }
 
-/// Append charges to the ledger in one statement (the ledger trigger moves each account's
-/// balance row by row); a request charged already is skipped. Returns the request ids
-/// inserted. The one place charges are written, on both backends.
-pub(super) async fn insert_charges<'e, E>(
-    executor: E,
-    batch: &[Charge],
-) -> Result<HashSet<String>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
-    const COLUMNS: usize = 11;
-    let mut sql = String::from(
-        "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) VALUES ",
-    );
-    for i in 0..batch.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        let p = i * COLUMNS;
-        // Writing into the one buffer: no string per row.
-        let _ = write!(
-            sql,
-            "(${}, ${}, ${}, ${}, ${}, 'charge', ${}, ${}, ${}, ${}, ${}, ${})",
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4,
-            p + 5,
-            p + 6,
-            p + 7,
-            p + 8,
-            p + 9,
-            p + 10,
-            p + 11
-        );
+/// Post an operator's entry (on the writer task) and move the account's balance in memory by it,
+/// as the trigger moved the stored one.
+async fn post_entry(db: &Db, accounts: &Accounts, post: Post) -> Posted {
+    let posted = ledger::post(
+        db,
+        &post.account_id,
+        post.adjustment,
+        post.amount,
+        &post.note,
+    )
+    .await;
+    if let Ok(Ok(entry)) = &posted
+        && let Some(slot) = accounts.existing(&post.account_id)
+    {
+        let mut s = lock(&slot);
+        s.balance = s.balance.saturating_add(entry.amount);
     }
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING request_id");
-    let mut q = sqlx::query_scalar::<_, String>(&sql);
-    for c in batch {
-        q = q
-            .bind(c.id.as_str())
-            .bind(c.account_id.as_str())
-            .bind(c.key_id.as_str())
-            .bind(c.request_id.as_str())
-            .bind(c.model.as_str())
-            .bind(-c.cost.0)
-            .bind(c.prompt_tokens)
-            .bind(c.completion_tokens)
-            .bind(c.images)
-            .bind(c.seconds)
-            .bind(c.created_at);
-    }
-    Ok(q.fetch_all(executor).await?.into_iter().collect())
+    posted
 }
 
 async fn reload(db: &Db, accounts: &Accounts, account_id: &str) -> Result<(), BillingError> {

@@ -241,7 +241,12 @@ where
 async fn balance(State(st): State<SharedState>, headers: HeaderMap) -> Response {
     let result = async {
         let caller = require_caller(&st, &headers).await?;
-        let a = st.billing.account(&caller.account_id).await?;
+        let a = crate::accounts::get(&st.billing, &caller.account_id)
+            .await
+            .map_err(|e| match e {
+                crate::accounts::AccountError::Store(s) => ApiError::Billing(s.into()),
+                _ => ApiError::Billing(crate::billing::BillingError::NoAccount),
+            })?;
         Ok::<_, ApiError>(json!({
             "object": "balance",
             "account": a.name,

@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::admin::keys::{self, NewKey};
+use tollgate::accounts::{
+    self,
+    keys::{self, NewKey},
+};
 use tollgate::auth::Authenticator;
 use tollgate::billing::{Billing, Credits, Price, Usage};
 use tollgate::store::Db;
@@ -49,11 +52,15 @@ fn money_path(c: &mut Criterion) {
         let billing = Billing::for_gateway(db.clone(), Duration::from_secs(900), None)
             .await
             .unwrap();
-        let a = billing.create_account("bench").await.unwrap();
-        billing
-            .credit(&a.id, Credits::parse_usd("1000000").unwrap(), "bench")
-            .await
-            .unwrap();
+        let a = accounts::create(&billing, "bench").await.unwrap();
+        accounts::credit(
+            &billing,
+            &a.id,
+            Credits::parse_usd("1000000").unwrap(),
+            "bench",
+        )
+        .await
+        .unwrap();
         let (_, key) = keys::create(
             &billing,
             &a.id,

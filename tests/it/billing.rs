@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use crate::common::*;
 use futures::StreamExt;
-use tollgate::admin::keys::{self, NewKey};
+use tollgate::accounts::{
+    self,
+    keys::{self, NewKey},
+};
 use tollgate::billing::{Billing, Credits};
 
 /// One cent per request, nothing per token: the estimate equals the charge.
@@ -129,8 +132,8 @@ fn billing(gw: &TestGateway) -> &Billing {
 
 /// An account with `usd` dollars and a key for it.
 async fn funded_key(b: &Billing, name: &str, usd: &str, new: NewKey) -> (String, String) {
-    let a = b.create_account(name).await.unwrap();
-    b.credit(&a.id, Credits::parse_usd(usd).unwrap(), "test")
+    let a = accounts::create(b, name).await.unwrap();
+    accounts::credit(b, &a.id, Credits::parse_usd(usd).unwrap(), "test")
         .await
         .unwrap();
     let (_, key) = keys::create(b, &a.id, new).await.unwrap();
@@ -170,13 +173,13 @@ async fn get_json(client: &reqwest::Client, url: &str, key: &str) -> serde_json:
 async fn settle_down(b: &Billing, account: &str) {
     // Releases after a dropped stream run in the background: wait until nothing is held.
     for _ in 0..100 {
-        if b.account(account).await.unwrap().reserved == 0 {
+        if accounts::get(b, account).await.unwrap().reserved == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        b.account(account).await.unwrap().reserved,
+        accounts::get(b, account).await.unwrap().reserved,
         0,
         "a reservation stayed open"
     );
@@ -317,7 +320,10 @@ async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance(store: Sto
     let gw = billed_gateway(&up, store).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "crowd", "0.50", key_named("k")).await;
-    assert_eq!(b.account(&account).await.unwrap().balance, 50 * PER_REQUEST);
+    assert_eq!(
+        accounts::get(b, &account).await.unwrap().balance,
+        50 * PER_REQUEST
+    );
     let mut handles = Vec::new();
     for _ in 0..200 {
         let client = gw.client.clone();
@@ -349,7 +355,7 @@ async fn two_hundred_concurrent_requests_on_fifty_requests_of_balance(store: Sto
         }
     }
     assert_eq!((ok, refused), (50, 150));
-    let a = b.account(&account).await.unwrap();
+    let a = accounts::get(b, &account).await.unwrap();
     assert_eq!(a.balance, 0);
     settle_down(b, &account).await;
     let charges = b
@@ -377,7 +383,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store:
     let gw = TestGateway::start_yaml(&on_store(yaml, store).await, dir).await;
     let b = billing(&gw);
     let (account, key) = funded_key(b, "careful", "1", key_named("k")).await;
-    let before = b.account(&account).await.unwrap().balance;
+    let before = accounts::get(b, &account).await.unwrap().balance;
 
     assert_eq!(
         chat_with(&gw, &key, "paid-fail500", false).await.status(),
@@ -393,7 +399,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store:
     drop(body);
     settle_down(b, &account).await;
     assert_eq!(
-        b.account(&account).await.unwrap().balance,
+        accounts::get(b, &account).await.unwrap().balance,
         before,
         "failures cost nothing"
     );
@@ -890,8 +896,8 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
     let b = Billing::for_gateway(db, Duration::from_secs(60), None)
         .await
         .unwrap();
-    let a = b.create_account("batch").await.unwrap();
-    b.credit(&a.id, Credits::parse_usd("1").unwrap(), "t")
+    let a = accounts::create(&b, "batch").await.unwrap();
+    accounts::credit(&b, &a.id, Credits::parse_usd("1").unwrap(), "t")
         .await
         .unwrap();
     let price = Price {
@@ -925,7 +931,7 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
         99 * 1_000,
         "the repeated request id is charged once"
     );
-    let after = b.account(&a.id).await.unwrap();
+    let after = accounts::get(&b, &a.id).await.unwrap();
     assert_eq!(
         after.balance,
         Credits::parse_usd("1").unwrap().0 - 99 * 1_000
@@ -944,7 +950,9 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
             .await
             .is_err()
     );
-    other.credit(&a.id, big, "top-up").await.unwrap();
+    accounts::credit(&other, &a.id, big, "top-up")
+        .await
+        .unwrap();
     tokio::time::sleep(tollgate::billing::owned::RECHECK).await;
     let hold = b
         .reserve(&a.id, "key", "req-big", "m", big, price)
@@ -955,7 +963,7 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
 
 #[tokio::test]
 async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
-    use tollgate::billing::owned::{Charge, journal_path};
+    use tollgate::billing::{Charge, owned::journal_path};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("journal.db");
     let url = format!("sqlite://{}", file.display());
@@ -964,9 +972,9 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
         Duration::from_secs(60),
         None,
     );
-    let a = setup.create_account("crashed").await.unwrap();
+    let a = accounts::create(&setup, "crashed").await.unwrap();
     let start = Credits::parse_usd("1").unwrap();
-    setup.credit(&a.id, start, "t").await.unwrap();
+    accounts::credit(&setup, &a.id, start, "t").await.unwrap();
     // What a gateway killed after answering three settles, before moving them, leaves behind
     // (its last line torn by a machine crash mid-write).
     let charge = |i: i64| Charge {
@@ -997,7 +1005,7 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
         .await
         .unwrap();
     let charged = 1_000 + 2_000 + 3_000;
-    let account = b.account(&a.id).await.unwrap();
+    let account = accounts::get(&b, &a.id).await.unwrap();
     assert_eq!(account.balance, start.0 - charged);
     assert!(b.verify(&a.id).await.unwrap());
     assert_eq!(
@@ -1016,7 +1024,10 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     let b = Billing::for_gateway(db, Duration::from_secs(60), None)
         .await
         .unwrap();
-    assert_eq!(b.account(&a.id).await.unwrap().balance, start.0 - charged);
+    assert_eq!(
+        accounts::get(&b, &a.id).await.unwrap().balance,
+        start.0 - charged
+    );
     assert!(b.verify(&a.id).await.unwrap());
     let charges = b.ledger(Some(&a.id), None, 100).await.unwrap();
     assert_eq!(charges.iter().filter(|e| e.kind == "charge").count(), 3);
@@ -1062,7 +1073,7 @@ async fn a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing(sto
         assert_eq!(chat_with(&gw, &key, "paid-up", false).await.status(), 200);
     }
     settle_down(b, &account).await;
-    let (balance, hits) = (b.account(&account).await.unwrap().balance, up.hits());
+    let (balance, hits) = (accounts::get(b, &account).await.unwrap().balance, up.hits());
     let h = assert_throttled(chat_with(&gw, &key, "paid-up", false).await).await;
     let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(
@@ -1081,7 +1092,7 @@ async fn a_key_over_its_limits_gets_429_with_openai_headers_and_pays_nothing(sto
     assert_eq!(up.hits(), hits, "a throttled request reaches no upstream");
     settle_down(b, &account).await;
     assert_eq!(
-        b.account(&account).await.unwrap().balance,
+        accounts::get(b, &account).await.unwrap().balance,
         balance,
         "and costs nothing"
     );
@@ -1244,4 +1255,257 @@ fn the_cli_issues_keys_with_limits_and_refuses_bad_ones() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tokens_per_minute"), "{err}");
+}
+
+/// `tollgate ARGS --config CONFIG`, expected to fail: its error output.
+fn cli_refused(config: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("MOCK_KEY", "sk-test-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The largest balance, as the errors name it.
+const MAX_USD: &str = "9223372.036854775807";
+
+on_both_stores!(credits_stay_in_range_and_debits_never_take_what_is_held_unless_forced);
+async fn credits_stay_in_range_and_debits_never_take_what_is_held_unless_forced(store: Store) {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up, store).await;
+    let b = billing(&gw);
+    let admin = |method: reqwest::Method, path: &str| {
+        gw.client
+            .request(method, format!("{}{path}", gw.operator))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    let post =
+        |path: &str, body: serde_json::Value| admin(reqwest::Method::POST, path).json(&body).send();
+    let acct: serde_json::Value = post("/admin/accounts", serde_json::json!({"name": "ranged"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = acct["id"].as_str().unwrap().to_string();
+    let credits = format!("/admin/accounts/{id}/credits");
+    let debits = format!("/admin/accounts/{id}/debits");
+    // A 400 in the admin error body whose message contains `needle`.
+    let refused = |r: reqwest::Response, needle: &'static str| async move {
+        assert_eq!(r.status(), 400);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "admin_error", "{body}");
+        let message = body["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "`{needle}` not in: {message}");
+    };
+    let balance = || async { accounts::get(b, &id).await.unwrap().balance };
+
+    // Nothing that is not more than zero is a credit (no hidden negative "adjustment").
+    for amount in ["-1.00", "-0.000000000001", "0", "0.00"] {
+        refused(
+            post(&credits, serde_json::json!({"amount_usd": amount}))
+                .await
+                .unwrap(),
+            "more than 0",
+        )
+        .await;
+    }
+    assert_eq!(balance().await, 0);
+
+    // Credits up to the maximum balance; past it they are refused, naming the maximum, and the
+    // balance is unchanged (before, SQLite stored a REAL and listing accounts failed for good).
+    let r = post(&credits, serde_json::json!({"amount_usd": "9000000"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    for amount in ["300000", "99999999999", "99999999999999999999"] {
+        refused(
+            post(&credits, serde_json::json!({"amount_usd": amount}))
+                .await
+                .unwrap(),
+            MAX_USD,
+        )
+        .await;
+    }
+    let r = admin(reqwest::Method::GET, "/admin/accounts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "listing accounts still works");
+    let listed: serde_json::Value = r.json().await.unwrap();
+    let listed = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(listed["balance"], 9_000_000 * 1_000_000_000_000_i64);
+    // Exactly to the maximum is fine; one pico-dollar more is not.
+    let r = post(
+        &credits,
+        serde_json::json!({"amount_usd": "223372.036854775807"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(balance().await, i64::MAX);
+    refused(
+        post(
+            &credits,
+            serde_json::json!({"amount_usd": "0.000000000001"}),
+        )
+        .await
+        .unwrap(),
+        MAX_USD,
+    )
+    .await;
+    assert!(
+        b.verify(&id).await.unwrap(),
+        "balance equals the sum of the ledger"
+    );
+
+    // A debit: explicit, in the ledger as `debit`.
+    let r = post(
+        &debits,
+        serde_json::json!({"amount_usd": "9223371.036854775807", "note": "refund"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let entry: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(entry["kind"], "debit");
+    assert_eq!(entry["note"], "refund");
+    assert_eq!(entry["amount"], -(i64::MAX - 1_000_000_000_000));
+    assert_eq!(balance().await, 1_000_000_000_000);
+    // Not more than zero, unknown fields, an unknown account: refused.
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "-5"}))
+            .await
+            .unwrap(),
+        "more than 0",
+    )
+    .await;
+    refused(
+        post(
+            &debits,
+            serde_json::json!({"amount_usd": "0.5", "forse": true}),
+        )
+        .await
+        .unwrap(),
+        "forse",
+    )
+    .await;
+    let r = post(
+        "/admin/accounts/nobody/debits",
+        serde_json::json!({"amount_usd": "1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // A request in flight holds its estimate (one cent): a debit cannot take it.
+    let (_, key) = keys::create(b, &id, key_named("k")).await.unwrap();
+    let open = chat_with(&gw, key.expose(), "paid-slow", true).await;
+    assert_eq!(open.status(), 200);
+    let mut open = open.bytes_stream();
+    open.next().await.unwrap().unwrap();
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "1"}))
+            .await
+            .unwrap(),
+        "0.990000000000",
+    )
+    .await;
+    assert_eq!(
+        balance().await,
+        1_000_000_000_000,
+        "a refused debit takes nothing"
+    );
+    let r = post(&debits, serde_json::json!({"amount_usd": "0.99"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    refused(
+        post(&debits, serde_json::json!({"amount_usd": "0.000000000001"}))
+            .await
+            .unwrap(),
+        "force",
+    )
+    .await;
+    // Forced: taken even below zero, and marked as forced in the ledger.
+    let r = post(
+        &debits,
+        serde_json::json!({"amount_usd": "5", "note": "chargeback", "force": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let entry: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(entry["kind"], "forced_debit");
+    drop(open);
+    settle_down(b, &id).await;
+    let after = balance().await;
+    assert_eq!(after, 10_000_000_000 - 5_000_000_000_000);
+    // Below zero, nothing more can be reserved.
+    assert_openai_error(
+        chat_with(&gw, key.expose(), "paid", false).await,
+        402,
+        "insufficient_quota",
+    )
+    .await;
+    let ledger = b.ledger(Some(&id), None, 1000).await.unwrap();
+    // Summed wide: in the order listed (newest first), the debits alone pass i64::MIN.
+    let sum: i128 = ledger.iter().map(|e| i128::from(e.amount)).sum();
+    assert_eq!(sum, i128::from(after));
+    assert!(b.verify(&id).await.unwrap());
+    let r = admin(reqwest::Method::GET, "/admin/accounts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+on_both_stores!(the_cli_debits_and_refuses_credits_past_the_maximum);
+async fn the_cli_debits_and_refuses_credits_past_the_maximum(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = database_url(store, dir.path(), "cli-money.db").await;
+    let config = process_config(dir.path(), &url, "http://127.0.0.1:9");
+    cli(&config, &["accounts", "create", "acme"]);
+    cli(&config, &["credits", "add", "acme", "10"]);
+    for amount in ["9223372", "99999999999"] {
+        let err = cli_refused(&config, &["credits", "add", "acme", amount]);
+        assert!(err.contains(MAX_USD), "the limit is named: {err}");
+    }
+    let err = cli_refused(&config, &["credits", "add", "acme", "0"]);
+    assert!(err.contains("more than 0"), "{err}");
+    let entry = cli(
+        &config,
+        &["credits", "debit", "acme", "4", "--note", "refund"],
+    );
+    assert_eq!(entry["kind"], "debit");
+    assert_eq!(entry["amount"], -4_000_000_000_000_i64);
+    let err = cli_refused(&config, &["credits", "debit", "acme", "7"]);
+    assert!(err.contains("force"), "{err}");
+    let entry = cli(&config, &["credits", "debit", "acme", "7", "--force"]);
+    assert_eq!(entry["kind"], "forced_debit");
+    let account = cli(&config, &["credits", "show", "acme"]);
+    assert_eq!(account["balance"], -1_000_000_000_000_i64);
+    let ledger = cli(&config, &["credits", "ledger", "--account", "acme"]);
+    let sum: i64 = ledger
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        sum, -1_000_000_000_000_i64,
+        "the ledger sums to the balance"
+    );
+    let listed = cli(&config, &["accounts", "list"]);
+    assert_eq!(listed[0]["balance_usd"], "-1.000000000000");
 }

@@ -3,8 +3,8 @@
 
 use clap::Subcommand;
 
-use crate::admin::keys::{self, NewKey};
-use crate::billing::{Billing, Credits};
+use super::keys::{self, NewKey};
+use crate::billing::Billing;
 use crate::limits::Limits;
 
 #[derive(Debug, Subcommand)]
@@ -17,12 +17,24 @@ pub enum AccountsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CreditsCommand {
-    /// Add credits in dollars, exactly ("12.50").
+    /// Add credits in dollars, exactly ("12.50"); more than 0, and the balance stays at most
+    /// 9223372.036854775807 USD.
     Add {
         account: String,
         amount_usd: String,
         #[arg(long, default_value = "credit")]
         note: String,
+    },
+    /// Take dollars from a balance (a refund, a correction); refused if what stays would not
+    /// cover the requests in flight, unless --force (then the balance may go below zero).
+    Debit {
+        account: String,
+        amount_usd: String,
+        #[arg(long, default_value = "debit")]
+        note: String,
+        /// Take it even if the balance goes below zero.
+        #[arg(long)]
+        force: bool,
     },
     /// Show an account's balance.
     Show { account: String },
@@ -78,8 +90,8 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 pub async fn accounts(billing: &Billing, cmd: AccountsCommand) -> anyhow::Result<()> {
     match cmd {
-        AccountsCommand::Create { name } => print_json(&billing.create_account(&name).await?),
-        AccountsCommand::List => print_json(&billing.accounts().await?),
+        AccountsCommand::Create { name } => print_json(&super::create(billing, &name).await?),
+        AccountsCommand::List => print_json(&super::list(billing).await?),
     }
 }
 
@@ -90,12 +102,19 @@ pub async fn credits(billing: &Billing, cmd: CreditsCommand) -> anyhow::Result<(
             amount_usd,
             note,
         } => {
-            let amount = Credits::parse_usd(&amount_usd).ok_or_else(|| {
-                anyhow::anyhow!("`{amount_usd}` is not a dollar amount with at most 12 decimals")
-            })?;
-            print_json(&billing.credit(&account, amount, &note).await?)
+            let amount = super::parse_amount(&amount_usd)?;
+            print_json(&super::credit(billing, &account, amount, &note).await?)
         }
-        CreditsCommand::Show { account } => print_json(&billing.account(&account).await?),
+        CreditsCommand::Debit {
+            account,
+            amount_usd,
+            note,
+            force,
+        } => {
+            let amount = super::parse_amount(&amount_usd)?;
+            print_json(&super::debit(billing, &account, amount, &note, force).await?)
+        }
+        CreditsCommand::Show { account } => print_json(&super::get(billing, &account).await?),
         CreditsCommand::Ledger {
             account,
             request_id,

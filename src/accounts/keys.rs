@@ -1,10 +1,11 @@
-//! Key management shared by the admin API and the CLI: create (the key shown once), list,
-//! rotate (a new key with the same settings; the old one revoked) and revoke.
+//! An account's API keys: create (the key shown once), list, rotate (a new key with the same
+//! settings; the old one revoked) and revoke.
 
 use serde::{Deserialize, Serialize};
 
+use super::AccountError;
 use crate::auth::{self, PlainKey};
-use crate::billing::{Billing, BillingError};
+use crate::billing::Billing;
 use crate::limits::Limits;
 use crate::store::{StoreError, now_ms};
 
@@ -24,12 +25,12 @@ impl From<sqlx::Error> for KeyError {
     }
 }
 
-impl From<BillingError> for KeyError {
-    fn from(e: BillingError) -> Self {
+impl From<AccountError> for KeyError {
+    fn from(e: AccountError) -> Self {
         match e {
-            BillingError::NoAccount => Self::Invalid("no such account".into()),
-            BillingError::InsufficientBalance { .. } => Self::Invalid(e.to_string()),
-            BillingError::Ledger(s) => Self::Store(s),
+            AccountError::NotFound => Self::Invalid("no such account".into()),
+            AccountError::Invalid(_) | AccountError::Refused(_) => Self::Invalid(e.to_string()),
+            AccountError::Store(s) => Self::Store(s),
         }
     }
 }
@@ -111,7 +112,7 @@ pub async fn create(
     limits.validate().map_err(KeyError::Invalid)?;
     let limits =
         serde_json::to_string(&limits).map_err(|e| KeyError::Invalid(format!("limits: {e}")))?;
-    let account = billing.account(account).await?;
+    let account = super::get(billing, account).await?;
     let (plain, lookup, hash) = auth::generate();
     let id = format!("key_{}", ulid::Ulid::new());
     let now = now_ms();
@@ -148,7 +149,7 @@ pub async fn get(billing: &Billing, id: &str) -> Result<KeyInfo, KeyError> {
 }
 
 pub async fn list(billing: &Billing, account: &str) -> Result<Vec<KeyInfo>, KeyError> {
-    let account = billing.account(account).await?;
+    let account = super::get(billing, account).await?;
     let rows: Vec<KeyTuple> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM api_keys WHERE account_id = $1 ORDER BY created_at"
     ))

@@ -44,6 +44,8 @@ pub struct AppState {
     pub billing: Billing,
     pub limiter: crate::limits::Limiter,
     pub moderator: crate::moderation::Moderator,
+    /// Background tasks (journal writer, sweeper, checkpoints, releases): stopped last.
+    pub background: crate::tasks::Background,
     /// Bytes of request bodies held at once (`server.max_inflight_body_bytes`).
     pub body_budget: server::listen::BodyBudget,
     pub ready: AtomicBool,
@@ -80,10 +82,16 @@ pub enum StartError {
 impl AppState {
     pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let db = Db::connect(&config.database.url).await?;
+        let background = crate::tasks::Background::new();
+        let db = Db::connect_with(&config.database.url, Some(&background)).await?;
         let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
-        let billing =
-            Billing::for_gateway(db, config.billing.reservation_ttl, Some(metrics.clone())).await?;
+        let billing = Billing::for_gateway(
+            db,
+            config.billing.reservation_ttl,
+            Some(metrics.clone()),
+            &background,
+        )
+        .await?;
         let policies = crate::policy::PolicyStore::load(
             &config.moderation.policies_dir,
             Some(metrics.clone()),
@@ -124,6 +132,7 @@ impl AppState {
             limiter: crate::limits::Limiter::new(),
             moderator,
             body_budget,
+            background,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
         }))
@@ -223,11 +232,19 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stop accepting, let in-flight requests finish, and return when both servers are done.
+    /// Stop reloading and accepting; let requests and streams in flight finish (for at most
+    /// `server.shutdown_grace`, then cut); move every journaled charge into the ledger; then
+    /// stop the background tasks and wait for each to finish its last step.
     pub async fn shutdown(self) {
+        drop(self._watches);
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Err(e) = self.state.billing.flush().await {
+            tracing::error!(error = %e, "charges stay in the journal; the next start moves them into the ledger");
+        }
+        self.state.background.stop().await;
+        tracing::info!("shut down");
     }
 
     /// Wait until the process is asked to stop (SIGINT/SIGTERM), then shut down.
@@ -322,12 +339,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
     // The sweeper: reservations whose request died with another instance expire and are released.
     let sweeper = Arc::downgrade(&state);
-    let stop = shutdown.clone();
-    tasks.spawn(async move {
+    let stopping = state.background.stopping();
+    state.background.spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        tokio::pin!(stopping);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                () = &mut stopping => break,
                 _ = tick.tick() => {}
             }
             let Some(st) = sweeper.upgrade() else { break };

@@ -300,6 +300,8 @@ struct Inner {
     db: Db,
     books: Books,
     metrics: Option<Arc<Metrics>>,
+    /// Where a dropped hold's release runs (tracked, so a shutdown waits for it).
+    background: crate::tasks::Background,
 }
 
 /// A reservation. `settle` charges; dropping it unsettled releases it.
@@ -325,9 +327,19 @@ impl fmt::Debug for Hold {
 }
 
 impl Billing {
-    fn with(db: Db, books: Books, metrics: Option<Arc<Metrics>>) -> Self {
+    fn with(
+        db: Db,
+        books: Books,
+        metrics: Option<Arc<Metrics>>,
+        background: crate::tasks::Background,
+    ) -> Self {
         Self {
-            inner: Arc::new(Inner { db, books, metrics }),
+            inner: Arc::new(Inner {
+                db,
+                books,
+                metrics,
+                background,
+            }),
         }
     }
 
@@ -335,22 +347,25 @@ impl Billing {
     /// with several gateways, and the CLI beside a running gateway).
     pub fn new(db: Db, hold_ttl: Duration, metrics: Option<Arc<Metrics>>) -> Self {
         let books = Books::Shared(shared::Shared::new(db.clone(), hold_ttl));
-        Self::with(db, books, metrics)
+        Self::with(db, books, metrics, crate::tasks::Background::new())
     }
 
     /// Billing for the gateway: on SQLite it owns the database ([`owned`]: reservations in
     /// memory, charges journaled, an earlier run's journal moved into the ledger first); on
-    /// PostgreSQL as [`Billing::new`]. Call from within the runtime that serves.
+    /// PostgreSQL as [`Billing::new`]. Call from within the runtime that serves; the journal
+    /// writer and the release of dropped holds run on `background` (stopped last at shutdown,
+    /// after every journaled charge is in the ledger).
     pub async fn for_gateway(
         db: Db,
         hold_ttl: Duration,
         metrics: Option<Arc<Metrics>>,
+        background: &crate::tasks::Background,
     ) -> Result<Self, BillingError> {
         let books = match db.backend {
-            Backend::Sqlite => Books::Owned(owned::Owned::open(db.clone()).await?),
+            Backend::Sqlite => Books::Owned(owned::Owned::open(db.clone(), background).await?),
             Backend::Postgres => Books::Shared(shared::Shared::new(db.clone(), hold_ttl)),
         };
-        Ok(Self::with(db, books, metrics))
+        Ok(Self::with(db, books, metrics, background.clone()))
     }
 
     /// Wait until every charge made so far by this gateway is in the ledger (at once unless it
@@ -563,7 +578,8 @@ impl Drop for Hold {
             done: true,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { billing.release(&hold).await });
+            let background = billing.inner.background.clone();
+            background.spawn_on(&rt, async move { billing.release(&hold).await });
         }
     }
 }

@@ -218,7 +218,7 @@ pub fn journal_path(database_file: &Path) -> PathBuf {
 impl Owned {
     /// Move what an earlier run journaled into the ledger, empty the journal, and start the
     /// writer task on the current runtime.
-    pub async fn open(db: Db) -> Result<Self, BillingError> {
+    pub async fn open(db: Db, background: &crate::tasks::Background) -> Result<Self, BillingError> {
         let file = match db.sqlite_file.as_deref() {
             Some(database) => {
                 let path = journal_path(database);
@@ -244,11 +244,12 @@ impl Owned {
             order: VecDeque::new(),
         }));
         let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(
+        background.spawn(write_loop(
             db.clone(),
             accounts.clone(),
             journal.clone(),
             rx,
+            background.stopping(),
         ));
         Ok(Self {
             db,
@@ -455,18 +456,40 @@ async fn write_loop(
     accounts: Arc<Accounts>,
     journal: Arc<Mutex<Journal>>,
     mut rx: mpsc::UnboundedReceiver<Command>,
+    stopping: tokio_util::sync::WaitForCancellationFutureOwned,
 ) {
     let mut commands = Vec::with_capacity(MAX_BATCH);
     let mut retry: Option<Duration> = None;
+    tokio::pin!(stopping);
     loop {
-        let received = match retry {
-            None => rx.recv_many(&mut commands, MAX_BATCH).await,
-            Some(pause) => {
-                match tokio::time::timeout(pause, rx.recv_many(&mut commands, MAX_BATCH)).await {
-                    Ok(n) => n,
-                    // Nothing arrived during the pause: try moving again.
-                    Err(_) => usize::MAX,
+        let next = async {
+            match retry {
+                None => rx.recv_many(&mut commands, MAX_BATCH).await,
+                Some(pause) => {
+                    match tokio::time::timeout(pause, rx.recv_many(&mut commands, MAX_BATCH)).await
+                    {
+                        Ok(n) => n,
+                        // Nothing arrived during the pause: try moving again.
+                        Err(_) => usize::MAX,
+                    }
                 }
+            }
+        };
+        let received = tokio::select! {
+            biased;
+            n = next => n,
+            () = &mut stopping => {
+                // Shutdown: move what is journaled (tries until it lands or the database
+                // stays down; what is left stays in the journal for the next start), then end.
+                let mut pause = Duration::from_millis(50);
+                for _ in 0..5 {
+                    if move_waiting(&db, &accounts, &journal).await.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_BACKOFF);
+                }
+                break;
             }
         };
         if received == 0 {

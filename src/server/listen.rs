@@ -97,7 +97,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             counters.refused.inc();
-            tokio::spawn(refuse(tcp));
+            conns.spawn(refuse(tcp));
             continue;
         };
         counters.open.inc();

@@ -150,14 +150,25 @@ pub fn now_ms() -> i64 {
 
 impl Db {
     /// Connect (creating the SQLite file and its folder if needed) and run migrations.
+    /// Open a database with no background work (the CLI, tests): on SQLite, no periodic WAL
+    /// checkpoints.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url, None).await
+    }
+
+    /// Open a database; on SQLite with `background`, a connection of its own checkpoints the
+    /// WAL every [`CHECKPOINT_EVERY`] until the background stops or the `Db` is dropped.
+    pub async fn connect_with(
+        url: &str,
+        background: Option<&crate::tasks::Background>,
+    ) -> Result<Self, StoreError> {
         install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(StoreError::Url(url.to_string()));
+            return Err(StoreError::Url(crate::config::masked_db_url(url)));
         };
         let mut sqlite_file = None;
         let pool = match backend {
@@ -213,9 +224,9 @@ impl Db {
                     .await?
             }
         };
-        let checkpointer = match backend {
-            Backend::Sqlite => Some(std::sync::Arc::new(checkpointer(url).await?)),
-            Backend::Postgres => None,
+        let checkpointer = match (backend, background) {
+            (Backend::Sqlite, Some(bg)) => Some(std::sync::Arc::new(checkpointer(url, bg).await?)),
+            _ => None,
         };
         let db = Self {
             pool,
@@ -287,19 +298,29 @@ impl Db {
 }
 
 /// A connection of its own that checkpoints the write-ahead log every [`CHECKPOINT_EVERY`]
-/// (PASSIVE: it never blocks the writer), until the guard is dropped.
-async fn checkpointer(url: &str) -> Result<Checkpointer, StoreError> {
+/// (PASSIVE: it never blocks the writer), until the guard is dropped or the background stops.
+async fn checkpointer(
+    url: &str,
+    bg: &crate::tasks::Background,
+) -> Result<Checkpointer, StoreError> {
     use sqlx::Connection as _;
     let opts = sqlx::any::AnyConnectOptions::from_str(url)?.disable_statement_logging();
     let mut conn = sqlx::AnyConnection::connect_with(&opts).await?;
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();
-    tokio::spawn(async move {
+    let stopping = bg.stopping();
+    bg.spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(stopping);
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
+                _ = &mut stopping => {
+                    // A last checkpoint, so the database file is whole when the gateway exits.
+                    let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await;
+                    break;
+                }
                 _ = tick.tick() => {
                     if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
                         tracing::warn!(error = %e, "background WAL checkpoint failed");

@@ -49,9 +49,14 @@ fn money_path(c: &mut Criterion) {
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let (auth, billing, key, account) = rt.block_on(async {
         let db = Db::connect(&url).await.unwrap();
-        let billing = Billing::for_gateway(db.clone(), Duration::from_secs(900), None)
-            .await
-            .unwrap();
+        let billing = Billing::for_gateway(
+            db.clone(),
+            Duration::from_secs(900),
+            None,
+            &tollgate::tasks::Background::new(),
+        )
+        .await
+        .unwrap();
         let a = accounts::create(&billing, "bench").await.unwrap();
         accounts::credit(
             &billing,

@@ -893,9 +893,14 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("batch.db").display());
     let db = tollgate::store::Db::connect(&url).await.unwrap();
-    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
-        .await
-        .unwrap();
+    let b = Billing::for_gateway(
+        db,
+        Duration::from_secs(60),
+        None,
+        &tollgate::tasks::Background::new(),
+    )
+    .await
+    .unwrap();
     let a = accounts::create(&b, "batch").await.unwrap();
     accounts::credit(&b, &a.id, Credits::parse_usd("1").unwrap(), "t")
         .await
@@ -1001,9 +1006,14 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     std::fs::write(&journal, &text).unwrap();
 
     let db = tollgate::store::Db::connect(&url).await.unwrap();
-    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
-        .await
-        .unwrap();
+    let b = Billing::for_gateway(
+        db,
+        Duration::from_secs(60),
+        None,
+        &tollgate::tasks::Background::new(),
+    )
+    .await
+    .unwrap();
     let charged = 1_000 + 2_000 + 3_000;
     let account = accounts::get(&b, &a.id).await.unwrap();
     assert_eq!(account.balance, start.0 - charged);
@@ -1021,9 +1031,14 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     // A crash after moving and before emptying leaves lines already in the ledger: skipped.
     std::fs::write(&journal, &whole).unwrap();
     let db = tollgate::store::Db::connect(&url).await.unwrap();
-    let b = Billing::for_gateway(db, Duration::from_secs(60), None)
-        .await
-        .unwrap();
+    let b = Billing::for_gateway(
+        db,
+        Duration::from_secs(60),
+        None,
+        &tollgate::tasks::Background::new(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         accounts::get(&b, &a.id).await.unwrap().balance,
         start.0 - charged

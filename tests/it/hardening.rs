@@ -271,3 +271,35 @@ async fn a_slow_plugin_call_on_a_large_body_does_not_stall_other_requests() {
     assert!(!slow.is_finished(), "answered while the plugin still spins");
     assert_eq!(slow.await.unwrap(), 502);
 }
+
+/// A graceful shutdown ends with every charge in the ledger and every background task done.
+#[tokio::test]
+async fn shutdown_moves_every_charge_into_the_ledger_and_ends_background_work() {
+    let mut gw = gateway_with("").await;
+    let (_, key) = gw.admin_funded_key("last-orders", "1.00").await;
+    for stream in [false, true] {
+        let resp = gw
+            .client
+            .post(format!("{}/v1/chat/completions", gw.public))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "demo-chat", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+    }
+    let running = gw.running.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), running.shutdown())
+        .await
+        .expect("shutdown finished, background tasks included");
+    let db = gw.dir.path().join("tollgate.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let (charges,): (i64,) = sqlx::query_as("SELECT count(*) FROM ledger WHERE kind = 'charge'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(charges, 2, "both charges are in the ledger");
+}

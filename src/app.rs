@@ -218,6 +218,7 @@ pub fn operator_router(state: SharedState) -> Router {
     server::operator_routes()
         .merge(crate::admin::router())
         .with_state(state)
+        .layer(axum::middleware::from_fn(server::log_errors))
         .layer(axum::middleware::from_fn(server::request_id))
 }
 
@@ -272,11 +273,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         );
     }
     if state.config.moderation.watch {
+        // A change may not remove a set that keys name: the watcher asks the database which
+        // sets are in use (from its own thread, on the serving runtime).
+        let weak = Arc::downgrade(&state);
+        let rt = tokio::runtime::Handle::current();
+        let in_use = move || {
+            let Some(st) = weak.upgrade() else {
+                return std::collections::BTreeSet::new();
+            };
+            rt.block_on(crate::accounts::keys::policy_sets_in_use(&st.billing))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "reading the policy sets keys use failed; keeping every set that exists now");
+                    st.moderator.policies.current().set_names().into_iter().collect()
+                })
+        };
         watches.push(
             state
                 .moderator
                 .policies
-                .watch()
+                .watch_keeping(in_use)
                 .map_err(StartError::Watch)?,
         );
     }

@@ -64,6 +64,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("internal error")]
     Internal(String),
+    /// The admin API's refusals (operator listener).
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 impl ApiError {
@@ -129,6 +132,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Admin(e) => e.status(),
         }
     }
 
@@ -187,11 +191,15 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal(_) => "internal_error",
+            Self::Admin(e) => e.code(),
         }
     }
 
     /// OpenAI's `error.type`.
     fn openai_type(&self) -> &'static str {
+        if let Self::Admin(_) = self {
+            return "admin_error";
+        }
         let status = self.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             "rate_limit_error"
@@ -220,6 +228,9 @@ impl ApiError {
     fn public_message(&self) -> String {
         match self {
             Self::Internal(_) => {
+                "internal error; quote the x-request-id header when reporting it".into()
+            }
+            Self::Admin(e) if e.status().is_server_error() => {
                 "internal error; quote the x-request-id header when reporting it".into()
             }
             Self::Plugin(PluginError::Guest {

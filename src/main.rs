@@ -150,7 +150,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys { config, command } => {
             let rt = runtime()?;
             let b = billing(&rt, config.as_deref())?;
-            rt.block_on(tollgate::accounts::cli::keys_cmd(&b, command))?;
+            let policies = tollgate::config::load(config.as_deref())?
+                .moderation
+                .policies_dir;
+            rt.block_on(tollgate::accounts::cli::keys_cmd(&b, &policies, command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin { command } => match command {

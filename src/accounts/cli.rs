@@ -132,7 +132,12 @@ pub async fn credits(billing: &Billing, cmd: CreditsCommand) -> anyhow::Result<(
     }
 }
 
-pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()> {
+/// The key commands; `policies` is the policy folder a new key's `--policy-set` must exist in.
+pub async fn keys_cmd(
+    billing: &Billing,
+    policies: &std::path::Path,
+    cmd: KeysCommand,
+) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Create {
             account,
@@ -142,18 +147,27 @@ pub async fn keys_cmd(billing: &Billing, cmd: KeysCommand) -> anyhow::Result<()>
             policy_set,
             limits,
         } => {
-            let (info, plain) = keys::create(
-                billing,
-                &account,
-                NewKey {
-                    name,
-                    expires_in_seconds,
-                    models,
-                    policy_set,
-                    limits: Some(limits),
-                },
-            )
-            .await?;
+            let new = NewKey {
+                name,
+                expires_in_seconds,
+                models,
+                policy_set,
+                limits: Some(limits),
+            };
+            if new.policy_set.is_some() {
+                let compiled = crate::policy::Compiled::load(policies).map_err(|errs| {
+                    anyhow::anyhow!(
+                        "the policies in {} do not load: {}",
+                        policies.display(),
+                        errs.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
+                })?;
+                keys::check_policy_set(&new, &compiled)?;
+            }
+            let (info, plain) = keys::create(billing, &account, new).await?;
             eprintln!("This is the only time the key is shown. Store it now.");
             print_json(&serde_json::json!({"key": plain.expose(), "info": info}))
         }

@@ -100,6 +100,29 @@ fn info(r: KeyTuple) -> KeyInfo {
     }
 }
 
+/// Refuse a key that names a policy set the policies do not define (it would otherwise be
+/// screened by another set without anyone knowing).
+pub fn check_policy_set(new: &NewKey, policies: &crate::policy::Compiled) -> Result<(), KeyError> {
+    match &new.policy_set {
+        Some(set) if !policies.has_set(set) => Err(KeyError::Invalid(format!(
+            "policy set `{set}` does not exist (known: {})",
+            policies.set_names().join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The policy sets that keys not revoked name: a policy change may not remove them.
+pub async fn policy_sets_in_use(
+    billing: &Billing,
+) -> Result<std::collections::BTreeSet<String>, KeyError> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT DISTINCT policy_set FROM api_keys WHERE revoked_at IS NULL")
+            .fetch_all(&billing.db().pool)
+            .await?;
+    Ok(rows.into_iter().map(|(s,)| s).collect())
+}
+
 pub async fn create(
     billing: &Billing,
     account: &str,

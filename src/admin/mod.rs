@@ -49,44 +49,50 @@ pub enum AdminError {
     Keys(#[from] keys::KeyError),
 }
 
-impl IntoResponse for AdminError {
-    fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            Self::Disabled => (StatusCode::NOT_FOUND, "admin_disabled"),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
-            Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+impl AdminError {
+    /// The status of each refusal; `ApiError` renders it (one renderer for every listener).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Disabled
+            | Self::NotFound
+            | Self::Billing(BillingError::NoAccount)
+            | Self::Accounts(AccountError::NotFound)
+            | Self::Keys(keys::KeyError::NotFound) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Billing(BillingError::InsufficientBalance { .. }) => StatusCode::PAYMENT_REQUIRED,
+            Self::Billing(BillingError::Ledger(_))
+            | Self::Accounts(AccountError::Store(_))
+            | Self::Keys(keys::KeyError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Invalid(_)
+            | Self::Accounts(AccountError::Invalid(_) | AccountError::Refused(_))
+            | Self::Keys(keys::KeyError::Invalid(_)) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The stable `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Disabled => "admin_disabled",
+            Self::Unauthorized => "invalid_admin_token",
             Self::NotFound
             | Self::Billing(BillingError::NoAccount)
             | Self::Accounts(AccountError::NotFound)
-            | Self::Keys(keys::KeyError::NotFound) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Billing(BillingError::InsufficientBalance { .. }) => {
-                (StatusCode::PAYMENT_REQUIRED, "insufficient_quota")
-            }
+            | Self::Keys(keys::KeyError::NotFound) => "not_found",
+            Self::Billing(BillingError::InsufficientBalance { .. }) => "insufficient_quota",
             Self::Billing(BillingError::Ledger(_))
             | Self::Accounts(AccountError::Store(_))
-            | Self::Keys(keys::KeyError::Store(_)) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
-            }
-            Self::Accounts(AccountError::Invalid(_)) | Self::Keys(keys::KeyError::Invalid(_)) => {
-                (StatusCode::BAD_REQUEST, "invalid_request")
-            }
-            Self::Accounts(AccountError::Refused(_)) => (StatusCode::BAD_REQUEST, "out_of_range"),
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %self, "admin request failed");
+            | Self::Keys(keys::KeyError::Store(_)) => "internal_error",
+            Self::Invalid(_)
+            | Self::Accounts(AccountError::Invalid(_))
+            | Self::Keys(keys::KeyError::Invalid(_)) => "invalid_request",
+            Self::Accounts(AccountError::Refused(_)) => "out_of_range",
         }
-        let message = if status.is_server_error() {
-            "internal error".to_string()
-        } else {
-            self.to_string()
-        };
-        let body = json!({"error": {"message": message, "type": "admin_error", "code": code, "param": null}});
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
-        )
-            .into_response()
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        crate::error::ApiError::from(self).into_response()
     }
 }
 
@@ -98,7 +104,7 @@ fn check_admin(st: &SharedState, headers: &HeaderMap) -> Result<(), AdminError> 
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(crate::server::bearer_credential)
         .unwrap_or("");
     if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
         Ok(())
@@ -207,6 +213,7 @@ async fn create_key(
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
     let axum::Json(body) = body.map_err(|e| AdminError::Invalid(e.body_text()))?;
+    keys::check_policy_set(&body, &st.moderator.policies.current())?;
     let (info, plain) = keys::create(&st.billing, &account, body).await?;
     Ok((
         StatusCode::CREATED,
@@ -300,7 +307,8 @@ async fn reload_policies(
     headers: HeaderMap,
 ) -> Result<Response, AdminError> {
     check_admin(&st, &headers)?;
-    match st.moderator.policies.reload() {
+    let in_use = keys::policy_sets_in_use(&st.billing).await?;
+    match st.moderator.policies.reload_keeping(&in_use) {
         Ok(()) => Ok(axum::Json(json!({"status": "loaded"})).into_response()),
         Err(errs) => Err(AdminError::Invalid(
             errs.iter()

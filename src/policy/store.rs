@@ -39,7 +39,30 @@ impl PolicyStore {
     /// Load the folder again; a change that does not parse or fails its examples is refused and
     /// the last good policies keep serving.
     pub fn reload(&self) -> Result<(), Vec<PolicyError>> {
-        match Compiled::load(&self.dir) {
+        self.reload_keeping(&std::collections::BTreeSet::new())
+    }
+
+    /// [`PolicyStore::reload`], also refusing a change that removes a set named in `in_use`
+    /// (the sets that API keys name: a key must never fall back to another set silently).
+    pub fn reload_keeping(
+        &self,
+        in_use: &std::collections::BTreeSet<String>,
+    ) -> Result<(), Vec<PolicyError>> {
+        let loaded = Compiled::load(&self.dir).and_then(|c| {
+            let missing: Vec<PolicyError> = in_use
+                .iter()
+                .filter(|set| !c.has_set(set))
+                .map(|set| PolicyError {
+                    file: self.dir.join("sets.yaml").display().to_string(),
+                    line: None,
+                    message: format!(
+                        "set `{set}` is named by API keys and cannot be removed (move those keys to another set first)"
+                    ),
+                })
+                .collect();
+            if missing.is_empty() { Ok(c) } else { Err(missing) }
+        });
+        match loaded {
             Ok(c) => {
                 self.current.store(Arc::new(c));
                 if let Some(m) = &self.metrics {
@@ -81,10 +104,18 @@ impl PolicyStore {
 
     /// Watch the folder and reload on change.
     pub fn watch(self: &Arc<Self>) -> Result<crate::watch::Watch, String> {
+        self.watch_keeping(std::collections::BTreeSet::new)
+    }
+
+    /// Watch the folder and reload on change, keeping every set `in_use` returns then.
+    pub fn watch_keeping(
+        self: &Arc<Self>,
+        in_use: impl Fn() -> std::collections::BTreeSet<String> + Send + 'static,
+    ) -> Result<crate::watch::Watch, String> {
         let me = Arc::downgrade(self);
         crate::watch::spawn(vec![self.dir.clone()], move || {
             if let Some(store) = me.upgrade() {
-                let _ = store.reload();
+                let _ = store.reload_keeping(&in_use());
             }
         })
     }

@@ -118,18 +118,21 @@ fn request_id_of(headers: &HeaderMap) -> String {
         .to_string()
 }
 
+/// The credential of an `Authorization: Bearer <credential>` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
+pub fn bearer_credential(value: &str) -> Option<&str> {
+    let (scheme, credential) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credential.trim_start())
+}
+
 /// The caller, if the request carries `Authorization`; `None` for an anonymous request.
 async fn caller_of(st: &SharedState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    // The scheme is case-insensitive (RFC 9110 §11.1): `Bearer`, `bearer`, `BEARER`.
-    let bearer = value.to_str().ok().and_then(|v| {
-        let (scheme, credential) = v.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| credential.trim_start())
-    });
+    let bearer = value.to_str().ok().and_then(bearer_credential);
     Ok(Some(st.auth.authenticate(bearer).await?))
 }
 

@@ -72,3 +72,55 @@ fn the_embedded_defaults_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_cli_refuses_a_key_whose_policy_set_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{ listen: \"127.0.0.1:0\" }}\noperator: {{ listen: \"127.0.0.1:0\" }}\ndatabase: {{ url: \"sqlite://{}\" }}\nmoderation: {{ policies_dir: \"{}\" }}\n",
+            dir.path().join("t.db").display(),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies")
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        tollgate()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["accounts", "create", "acme"]).status.success());
+    let out = run(&[
+        "keys",
+        "create",
+        "--account",
+        "acme",
+        "--name",
+        "k",
+        "--policy-set",
+        "no-such-set",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-set"), "{err}");
+    let out = run(&[
+        "keys",
+        "create",
+        "--account",
+        "acme",
+        "--name",
+        "k",
+        "--policy-set",
+        "adult",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

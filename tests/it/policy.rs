@@ -677,3 +677,87 @@ async fn the_policy_plugin_blocks_secrets_and_flags_personal_data() {
     // An ordinary prompt passes both the rules and the plugin.
     assert_eq!(ask(&gw, "gpt-test", "hello there").await.status(), 200);
 }
+
+/// A key names a set that exists, or it is not made; a policy change that would remove a set
+/// that keys name is refused (the keys would silently be screened by another set).
+#[tokio::test]
+async fn keys_name_existing_sets_and_a_set_in_use_cannot_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    for entry in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap()
+    {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), policies.join(entry.file_name())).unwrap();
+    }
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let yaml = config_yaml(None, "", "", &plugins).replace(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        &policies.display().to_string(),
+    );
+    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    let (account, _) = gw.admin_funded_key("sets", "0").await;
+    let make = async |set: &str| {
+        gw.admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{account}/keys"),
+        )
+        .json(&serde_json::json!({"name": "k", "policy_set": set}))
+        .send()
+        .await
+        .unwrap()
+    };
+    let refused = make("no-such-set").await;
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("no-such-set") && message.contains("adult"),
+        "{message}"
+    );
+    let adult = make("adult").await;
+    assert_eq!(adult.status(), 201);
+    let adult: serde_json::Value = adult.json().await.unwrap();
+    let adult_key = adult["info"]["id"].as_str().unwrap().to_string();
+
+    // Remove the `adult` set from sets.yaml: refused, and `adult` keeps working.
+    let sets = policies.join("sets.yaml");
+    let text = std::fs::read_to_string(&sets).unwrap();
+    let start = text.find("  adult:\n").unwrap();
+    let end = text.find("  strict:\n").unwrap();
+    std::fs::write(&sets, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let resp = gw
+        .admin(reqwest::Method::POST, "/admin/policies/reload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sets.yaml") && message.contains("`adult`"),
+        "{message}"
+    );
+    let state = &gw.running.as_ref().unwrap().state;
+    assert!(state.moderator.policies.current().has_set("adult"));
+    // Once no key names it (the key revoked), the same change is accepted.
+    let revoked = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{adult_key}/revoke"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert_eq!(
+        gw.admin(reqwest::Method::POST, "/admin/policies/reload")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(!state.moderator.policies.current().has_set("adult"));
+}

@@ -14,9 +14,9 @@ use crate::plugins::{InboundResponse, Outbound, Session};
 use crate::routing::Route;
 use crate::upstream;
 
-use super::is_success;
 use super::money::{Bill, Reserved};
 use super::relay::{self, EventStream};
+use super::{Body, Call, is_success};
 
 /// What a route expects of a whole answer in the unified (OpenAI) shape.
 pub struct Expect {
@@ -54,23 +54,30 @@ pub async fn dispatch(
         estimate: a.estimate,
     };
     let pick = a.pick;
-    let call = a.call;
+    let Call {
+        kind,
+        stream,
+        body: Body { raw, json },
+        ..
+    } = a.call;
+    // Screening was the parsed body's last reader: free it before the plugin's copies exist.
+    drop(json);
     let provider = pick.plugin.name().to_string();
     tracing::Span::current().record("provider", provider.as_str());
     let route = pick.route;
     let result = async {
         let ctx = route.context();
         let mut session = pick.plugin.session()?;
-        let outbound = super::heavy(call.body.raw.len(), || {
-            session.build_request(&ctx, call.kind, &call.body.raw)
-        })?;
+        let outbound = super::heavy(raw.len(), || session.build_request(&ctx, kind, &raw))?;
+        // The plugin built the upstream's body: the client's text is no longer needed.
+        drop(raw);
         match outbound {
             Outbound::Answer(resp) => {
-                if call.stream && is_success(resp.status) {
+                if stream && is_success(resp.status) {
                     let events = relay::offline_events(&route, resp);
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
-                    finish_json(&mut session, &route, call.kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect)
                 }
             }
             Outbound::Send(out) => {
@@ -90,7 +97,7 @@ pub async fn dispatch(
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
                     let resp = pending.read().await?;
-                    finish_json(&mut session, &route, call.kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect)
                 }
             }
         }

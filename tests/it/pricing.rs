@@ -102,3 +102,34 @@ async fn the_catalog_shows_the_price_that_is_billed() {
     assert_eq!(free["input_per_token"], 0, "{free}");
     assert_eq!(free["output_per_token"], 0, "{free}");
 }
+
+/// Every choice of `n` may use the output cap, so all of them are reserved: a balance that covers
+/// one choice does not cover 128.
+#[tokio::test]
+async fn every_choice_of_n_is_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // One micro-dollar per output token; the input is free.
+    let yaml = config_yaml(None, "", "", &plugins).replace(
+        "models:\n",
+        "models:\n  - { name: n-priced, channel: demo, upstream_model: demo-chat, price: { output_per_token: 1000000 } }\n",
+    );
+    let gw = TestGateway::start_yaml(&yaml, dir).await;
+    // A thousandth of a dollar: 1,000 output tokens.
+    let (_, key) = gw.admin_funded_key("chooser", "0.001").await;
+    let ask = async |n: u64| {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.public))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"model": "n-priced", "n": n, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_openai_error(ask(128).await, 402, "insufficient_quota").await;
+    assert_eq!(ask(1).await.status(), 200);
+    let resp = ask(129).await;
+    let body = assert_openai_error(resp, 400, "invalid_request").await;
+    assert_eq!(body["error"]["param"], "n");
+}

@@ -74,6 +74,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         max_output_tokens,
         output: true,
         outputs,
+        images: 0,
     };
     Ok(Call {
         route: ROUTE,

@@ -92,6 +92,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         max_output_tokens: None,
         output: false,
         outputs: 1,
+        images: 0,
     };
     Ok(Call {
         route: ROUTE,

@@ -19,6 +19,7 @@ pub mod admission;
 pub mod chat;
 pub mod dispatch;
 pub mod embeddings;
+pub mod images;
 pub mod models;
 pub mod money;
 pub mod relay;
@@ -114,6 +115,8 @@ pub struct Need {
     pub output: bool,
     /// How many outputs one request asks for (`n`): each may use the output cap.
     pub outputs: u64,
+    /// Images the request asks for (each at the model's per-image price).
+    pub images: u64,
 }
 
 /// One request of a route, validated: what every step reads.

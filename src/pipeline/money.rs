@@ -44,6 +44,7 @@ pub fn estimate(price: &Price, need: &Need, output_cap: u64) -> Estimate {
     let usage = Usage {
         prompt_tokens: need.prompt_tokens,
         completion_tokens: output_cap.saturating_mul(need.outputs.max(1)),
+        images: need.images,
         ..Usage::default()
     };
     Estimate {
@@ -170,6 +171,7 @@ mod tests {
             max_output_tokens: Some(50),
             output: true,
             outputs: 128,
+            images: 0,
         };
         let e = estimate(&price, &need, 50);
         assert_eq!(e.usage.completion_tokens, 6_400);

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::app::SharedState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
-use crate::pipeline::{self, Call, FrameStream, Reply, Served, chat, embeddings, models};
+use crate::pipeline::{self, Call, FrameStream, Reply, Served, chat, embeddings, images, models};
 use listen::BodyPermit;
 
 /// The request id header; ours on every request and response.
@@ -47,6 +47,7 @@ pub fn public_routes() -> Router<SharedState> {
     Router::new()
         .route(chat::ROUTE, post(chat_completions))
         .route(embeddings::ROUTE, post(embeddings))
+        .route(images::ROUTE, post(image_generations))
         .route(models::ROUTE, get(list_models))
         .route("/v1/balance", get(balance))
         .route("/v1/usage", get(usage))
@@ -170,6 +171,22 @@ async fn embeddings(
         embeddings::ROUTE,
         embeddings::parse,
         |st, caller, call| async move { embeddings::run(&st, caller, call).await },
+    )
+    .await
+}
+
+async fn image_generations(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<RawBody, ApiError>,
+) -> Response {
+    pipeline_route(
+        st,
+        &headers,
+        body,
+        images::ROUTE,
+        images::parse,
+        |st, caller, call| async move { images::run(&st, caller, call).await },
     )
     .await
 }

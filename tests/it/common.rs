@@ -70,6 +70,7 @@ impl MockUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
             .route("/v1/embeddings", post(mock_embeddings))
+            .route("/v1/images/generations", post(mock_images))
             .route("/v1/models", get(mock_models))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -217,6 +218,42 @@ async fn mock_embeddings(
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
         .to_string(),
+    )
+        .into_response()
+}
+
+/// `POST /v1/images/generations` as OpenAI documents it: `n` images (1 by default) as URLs, or
+/// as `b64_json` when `response_format` says so. Model `fail500` fails.
+async fn mock_images(
+    State(state): State<Arc<MockState>>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json = record(&state, &uri, &headers, &body);
+    if json["model"] == "fail500" {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
+        )
+            .into_response();
+    }
+    let n = json["n"].as_u64().unwrap_or(1);
+    let b64 = json["response_format"] == "b64_json";
+    let data: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            if b64 {
+                serde_json::json!({"b64_json": "iVBORw0KGgo="})
+            } else {
+                serde_json::json!({"url": format!("https://images.invalid/{i}.png")})
+            }
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        serde_json::json!({"created": 1_700_000_000, "data": data}).to_string(),
     )
         .into_response()
 }

@@ -8,6 +8,7 @@ mod common;
 mod embeddings;
 mod hardening;
 mod hot_reload;
+mod images;
 mod openai_sdk;
 mod policy;
 mod pricing;

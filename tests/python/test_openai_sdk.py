@@ -62,6 +62,14 @@ try:
 except openai.BadRequestError as e:
     assert e.body["param"] == "input", e.body
 
+# Images (offline demo PNGs), billed per image.
+import base64
+
+img = client.images.generate(model="demo-image", prompt="a lighthouse at dusk", n=1)
+assert len(img.data) == 1, img
+png = base64.b64decode(img.data[0].b64_json)
+assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:8]
+
 # Models.
 ids = [m.id for m in client.models.list()]
 assert "demo-chat" in ids, ids

@@ -1,7 +1,9 @@
 //! The `demo` provider: offline and deterministic, so a newcomer gets an answer with no key and
 //! no network. It answers every request itself (`outbound::answer`), streamed or not: chat
 //! (`demo-chat` says back what it was told) and embeddings (`demo-embed`: a fixed-size vector of
-//! hashed words, as floats or base64 as OpenAI's `encoding_format` asks).
+//! hashed words, as floats or base64 as OpenAI's `encoding_format` asks) and images
+//! (`demo-image`: a small PNG whose colours come from the prompt, as `b64_json`, or as a `data:`
+//! URL when `response_format` is `url`).
 
 use tollgate_plugin_sdk::openai::{self, TextMessage};
 use tollgate_plugin_sdk::serde_json::{self, Value, json};
@@ -11,6 +13,9 @@ struct Demo;
 
 const MODEL: &str = "demo-chat";
 const EMBED_MODEL: &str = "demo-embed";
+const IMAGE_MODEL: &str = "demo-image";
+/// Side of a `demo-image` picture, in pixels.
+const IMAGE_SIDE: usize = 16;
 /// Floats in a `demo-embed` vector (unless the request asks for fewer `dimensions`).
 const EMBED_DIMS: usize = 16;
 /// A fixed timestamp: the same request always gets the same bytes back.
@@ -53,7 +58,7 @@ impl Provider for Demo {
         Manifest {
             name: "demo".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into(), "embedding".into()],
+            kinds: vec!["chat".into(), "embedding".into(), "image".into()],
             auth: AuthScheme::None,
             models: vec![
                 ModelInfo {
@@ -65,6 +70,19 @@ impl Provider for Demo {
                         input_per_token: 100,
                         output_per_token: 200,
                         per_image: 0,
+                        per_second: 0,
+                        per_request: 0,
+                    }),
+                },
+                ModelInfo {
+                    id: IMAGE_MODEL.into(),
+                    kinds: vec!["image".into()],
+                    context_window: None,
+                    max_output_tokens: None,
+                    price: Some(ModelPrice {
+                        input_per_token: 0,
+                        output_per_token: 0,
+                        per_image: 1_000_000_000,
                         per_second: 0,
                         per_request: 0,
                     }),
@@ -96,6 +114,7 @@ impl Provider for Demo {
         match kind.as_str() {
             "chat" => {}
             "embedding" => return embed(&ctx, &req),
+            "image" => return imagine(&req),
             _ => {
                 return Err(invalid_request(format!(
                     "the demo provider does not do `{kind}`"
@@ -244,6 +263,99 @@ fn embed(ctx: &ChannelContext, req: &Value) -> Result<Outbound, PluginError> {
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     });
     Ok(answer(body.to_string().into_bytes(), "application/json"))
+}
+
+/// Images for a prompt: `n` small PNGs, a gradient between two colours taken from the prompt's
+/// hash (image `i` shifted by `i`), so the same prompt always draws the same pictures.
+fn imagine(req: &Value) -> Result<Outbound, PluginError> {
+    let prompt = req
+        .get("prompt")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_request("`prompt` is required"))?;
+    let n = req
+        .get("n")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .clamp(1, 10);
+    let as_url = req.get("response_format").and_then(Value::as_str) == Some("url");
+    let h = fnv1a(prompt.as_bytes());
+    let data: Vec<Value> = (0..n)
+        .map(|i| {
+            let png = gradient_png(h.rotate_left(i as u32 * 8));
+            let b64 = base64_encode(&png);
+            if as_url {
+                json!({"url": format!("data:image/png;base64,{b64}"), "revised_prompt": prompt})
+            } else {
+                json!({"b64_json": b64, "revised_prompt": prompt})
+            }
+        })
+        .collect();
+    let body = json!({"created": CREATED, "data": data});
+    Ok(answer(body.to_string().into_bytes(), "application/json"))
+}
+
+/// A square RGB PNG (RFC 2083): a diagonal gradient between two colours from `seed`, stored
+/// uncompressed (zlib "stored" blocks), with its CRC-32 and Adler-32 checksums.
+fn gradient_png(seed: u64) -> Vec<u8> {
+    let [a0, a1, a2, b0, b1, b2, ..] = seed.to_le_bytes();
+    let mix = |a: u8, b: u8, t: usize| {
+        let t = t as u32;
+        let span = (2 * (IMAGE_SIDE - 1)) as u32;
+        ((u32::from(a) * (span - t) + u32::from(b) * t) / span) as u8
+    };
+    let mut raw = Vec::with_capacity(IMAGE_SIDE * (1 + 3 * IMAGE_SIDE));
+    for y in 0..IMAGE_SIDE {
+        raw.push(0); // filter: none
+        for x in 0..IMAGE_SIDE {
+            raw.extend_from_slice(&[mix(a0, b0, x + y), mix(a1, b1, x + y), mix(a2, b2, x + y)]);
+        }
+    }
+    // zlib: header, one final stored block (the picture is far below 65,535 bytes), Adler-32.
+    let len = raw.len() as u16;
+    let mut z = vec![0x78, 0x01, 0x01];
+    z.extend_from_slice(&len.to_le_bytes());
+    z.extend_from_slice(&(!len).to_le_bytes());
+    z.extend_from_slice(&raw);
+    z.extend_from_slice(&adler32(&raw).to_be_bytes());
+    let side = (IMAGE_SIDE as u32).to_be_bytes();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&side);
+    ihdr.extend_from_slice(&side);
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, deflate, no filter method, no interlace
+    let mut png = vec![0x89, b'P', b'N', b'G', b'\r', b'\n', 0x1a, b'\n'];
+    for (kind, body) in [(b"IHDR", ihdr), (b"IDAT", z), (b"IEND", Vec::new())] {
+        png.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let start = png.len();
+        png.extend_from_slice(kind);
+        png.extend_from_slice(&body);
+        let crc = crc32(&png[start..]);
+        png.extend_from_slice(&crc.to_be_bytes());
+    }
+    png
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for b in bytes {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn adler32(bytes: &[u8]) -> u32 {
+    let (mut a, mut b) = (1u32, 0u32);
+    for x in bytes {
+        a = (a + u32::from(*x)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    (b << 16) | a
 }
 
 /// Standard base64 with padding (RFC 4648), as OpenAI encodes `encoding_format: base64`.

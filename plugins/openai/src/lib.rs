@@ -5,6 +5,8 @@
 //! answers are server-sent events of `chat.completion.chunk` objects ending with `data: [DONE]`;
 //! `stream_options.include_usage` adds a last chunk with `usage`; errors are
 //! `{"error": {"message", "type", "param", "code"}}`; `GET {base}/models` lists models.
+//! Images: `POST {base}/images/generations` with `{model, prompt, n?, size?, quality?,
+//! response_format?, ...}`, answered by `{"created", "data": [{"url"} or {"b64_json"}], "usage"?}`.
 //! Embeddings: `POST {base}/embeddings` with `{model, input, encoding_format?, dimensions?}`,
 //! answered by `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}],
 //! "model", "usage": {"prompt_tokens", "total_tokens"}}`.
@@ -34,6 +36,22 @@ fn embedding_model(id: &str, input: u64) -> ModelInfo {
     }
 }
 
+fn image_model(id: &str, per_image: u64, input: u64, output: u64) -> ModelInfo {
+    ModelInfo {
+        id: id.into(),
+        kinds: vec!["image".into()],
+        context_window: None,
+        max_output_tokens: None,
+        price: Some(ModelPrice {
+            input_per_token: input,
+            output_per_token: output,
+            per_image,
+            per_second: 0,
+            per_request: 0,
+        }),
+    }
+}
+
 fn model(id: &str, context: u32, max_out: u32, input: u64, output: u64) -> ModelInfo {
     ModelInfo {
         id: id.into(),
@@ -50,7 +68,7 @@ impl Provider for OpenAi {
         Manifest {
             name: "openai".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into(), "embedding".into()],
+            kinds: vec!["chat".into(), "embedding".into(), "image".into()],
             auth: AuthScheme::Bearer,
             models: vec![
                 model("gpt-4o-mini", 128_000, 16_384, 150_000, 600_000),
@@ -59,6 +77,10 @@ impl Provider for OpenAi {
                 model("gpt-4.1-mini", 1_047_576, 32_768, 400_000, 1_600_000),
                 embedding_model("text-embedding-3-small", 20_000),
                 embedding_model("text-embedding-3-large", 130_000),
+                // Standard 1024x1024 list prices per image; gpt-image-1 by tokens.
+                image_model("dall-e-3", 40_000_000_000, 0, 0),
+                image_model("dall-e-2", 20_000_000_000, 0, 0),
+                image_model("gpt-image-1", 0, 5_000_000, 40_000_000),
             ],
             config_keys: vec!["organization".into(), "project".into()],
         }
@@ -72,6 +94,7 @@ impl Provider for OpenAi {
         let path = match kind.as_str() {
             "chat" => "/chat/completions",
             "embedding" => "/embeddings",
+            "image" => "/images/generations",
             _ => {
                 return Err(invalid_request(format!(
                     "the openai plugin does not do `{kind}` yet"
@@ -80,7 +103,7 @@ impl Provider for OpenAi {
         };
         let mut body: Map<String, Value> = parse_request(&request)?;
         body.insert("model".into(), Value::String(ctx.model.clone()));
-        if kind == "embedding" {
+        if kind != "chat" {
             body.remove("stream");
         }
         let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -110,11 +133,7 @@ impl Provider for OpenAi {
             return Err(error_from_status(&response));
         }
         let v: Value = parse_upstream(&response.body)?;
-        let field = if kind == "embedding" {
-            "data"
-        } else {
-            "choices"
-        };
+        let field = if kind == "chat" { "choices" } else { "data" };
         if !v.get(field).is_some_and(Value::is_array) {
             return Err(upstream_error(format!(
                 "malformed upstream response: no `{field}`"

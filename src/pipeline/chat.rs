@@ -130,3 +130,21 @@ fn counted_completion_tokens(v: &Value) -> u64 {
         .unwrap_or(0);
     (chars as u64).div_ceil(4)
 }
+/// The route, for the server.
+pub struct Chat;
+
+impl super::Route for Chat {
+    const PATH: &'static str = ROUTE;
+
+    fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
+        parse(body, request_id)
+    }
+
+    fn run(
+        st: &AppState,
+        caller: Option<Caller>,
+        call: Call,
+    ) -> impl std::future::Future<Output = Result<Served, ApiError>> + Send {
+        run(st, caller, call)
+    }
+}

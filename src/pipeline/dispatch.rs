@@ -117,6 +117,33 @@ pub async fn dispatch(
     }
 }
 
+/// A route whose answer is one JSON body (embeddings, images): every step, then the bill
+/// settled on the usage `usage_of` reads from the answer (given the estimate, for an answer that
+/// reports none).
+pub async fn whole_json(
+    st: &AppState,
+    caller: Option<crate::auth::Caller>,
+    call: Call,
+    expect: &Expect,
+    usage_of: fn(&Value, &super::money::Estimate) -> crate::billing::Usage,
+) -> Result<super::Served, ApiError> {
+    let admitted = super::admission::admit(st, caller, call).await?;
+    let screened = super::screen::screen(st, admitted)?;
+    let reserved = super::money::reserve(st, screened).await?;
+    let d = dispatch(st, reserved, expect).await?;
+    let Answer::Json { value, text } = d.answer else {
+        return Err(ApiError::Internal(format!(
+            "{} came as a stream",
+            expect.what
+        )));
+    };
+    let usage = usage_of(&value, &d.bill.estimate);
+    Ok(super::Served {
+        reply: d.bill.settle_json(value, text, usage).await?,
+        provider: d.provider,
+    })
+}
+
 /// Parse a whole response through the plugin and check it is what the route expects.
 fn finish_json(
     session: &mut Session,

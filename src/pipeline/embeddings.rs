@@ -10,9 +10,8 @@ use crate::auth::Caller;
 use crate::billing::Usage;
 use crate::error::ApiError;
 
-use super::dispatch::{Answer, Expect};
-use super::money::usage_of;
-use super::{Body, Call, Need, Served, admission, dispatch, money, screen};
+use super::dispatch::{self, Expect};
+use super::{Body, Call, Need, Served, money};
 
 pub const ROUTE: &str = "/v1/embeddings";
 
@@ -105,29 +104,40 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
     })
 }
 
+/// The input tokens the upstream reported, else the estimate's; never output tokens.
+fn usage_of(v: &Value, estimate: &money::Estimate) -> Usage {
+    let prompt_tokens = v
+        .as_object()
+        .and_then(money::usage_of)
+        .map_or(estimate.usage.prompt_tokens, |u| u.prompt_tokens);
+    Usage {
+        prompt_tokens,
+        ..Usage::default()
+    }
+}
+
 #[tracing::instrument(name = "pipeline.embeddings", level = "debug", skip_all, fields(model = %call.model))]
 pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Served, ApiError> {
-    let admitted = admission::admit(st, caller, call).await?;
-    let screened = screen::screen(st, admitted)?;
-    let reserved = money::reserve(st, screened).await?;
-    let d = dispatch::dispatch(st, reserved, &EMBEDDINGS).await?;
-    let Answer::Json { value, text } = d.answer else {
-        return Err(ApiError::Internal(
-            "an embeddings answer came as a stream".into(),
-        ));
-    };
-    let usage = value.as_object().and_then(usage_of).unwrap_or(Usage {
-        prompt_tokens: d.bill.estimate.usage.prompt_tokens,
-        ..Usage::default()
-    });
-    let usage = Usage {
-        completion_tokens: 0,
-        ..usage
-    };
-    Ok(Served {
-        reply: d.bill.settle_json(value, text, usage).await?,
-        provider: d.provider,
-    })
+    dispatch::whole_json(st, caller, call, &EMBEDDINGS, usage_of).await
+}
+
+/// The route, for the server.
+pub struct Embeddings;
+
+impl super::Route for Embeddings {
+    const PATH: &'static str = ROUTE;
+
+    fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
+        parse(body, request_id)
+    }
+
+    fn run(
+        st: &AppState,
+        caller: Option<Caller>,
+        call: Call,
+    ) -> impl std::future::Future<Output = Result<Served, ApiError>> + Send {
+        run(st, caller, call)
+    }
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use crate::auth::Caller;
 use crate::billing::Usage;
 use crate::error::ApiError;
 
-use super::dispatch::{Answer, Expect};
-use super::{Body, Call, Need, Served, admission, dispatch, money, screen};
+use super::dispatch::{self, Expect};
+use super::{Body, Call, Need, Served, money};
 
 pub const ROUTE: &str = "/v1/images/generations";
 
@@ -139,20 +139,26 @@ fn usage_of(v: &Value) -> Usage {
 
 #[tracing::instrument(name = "pipeline.images", level = "debug", skip_all, fields(model = %call.model))]
 pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Served, ApiError> {
-    let admitted = admission::admit(st, caller, call).await?;
-    let screened = screen::screen(st, admitted)?;
-    let reserved = money::reserve(st, screened).await?;
-    let d = dispatch::dispatch(st, reserved, &IMAGES).await?;
-    let Answer::Json { value, text } = d.answer else {
-        return Err(ApiError::Internal(
-            "an images answer came as a stream".into(),
-        ));
-    };
-    let usage = usage_of(&value);
-    Ok(Served {
-        reply: d.bill.settle_json(value, text, usage).await?,
-        provider: d.provider,
-    })
+    dispatch::whole_json(st, caller, call, &IMAGES, |v, _| usage_of(v)).await
+}
+
+/// The route, for the server.
+pub struct Images;
+
+impl super::Route for Images {
+    const PATH: &'static str = ROUTE;
+
+    fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
+        parse(body, request_id)
+    }
+
+    fn run(
+        st: &AppState,
+        caller: Option<Caller>,
+        call: Call,
+    ) -> impl std::future::Future<Output = Result<Served, ApiError>> + Send {
+        run(st, caller, call)
+    }
 }
 
 #[cfg(test)]

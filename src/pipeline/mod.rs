@@ -133,6 +133,18 @@ pub struct Call {
     pub request_id: String,
 }
 
+/// A route through the steps: its public path, its own validation, and its run (the steps it
+/// composes). The server serves every `Route` with one handler.
+pub trait Route {
+    const PATH: &'static str;
+    fn parse(body: Body, request_id: String) -> Result<Call, ApiError>;
+    fn run(
+        st: &crate::app::AppState,
+        caller: Option<crate::auth::Caller>,
+        call: Call,
+    ) -> impl std::future::Future<Output = Result<Served, ApiError>> + Send;
+}
+
 /// What a route answers: a whole JSON body, or a stream of SSE frames ready for the wire.
 pub enum Reply {
     Json {

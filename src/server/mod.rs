@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::app::SharedState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
-use crate::pipeline::{self, Call, FrameStream, Reply, Served, chat, embeddings, images, models};
+use crate::pipeline::{self, FrameStream, Reply, Route, Served, chat, embeddings, images, models};
 use listen::BodyPermit;
 
 /// The request id header; ours on every request and response.
@@ -45,9 +45,12 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 
 pub fn public_routes() -> Router<SharedState> {
     Router::new()
-        .route(chat::ROUTE, post(chat_completions))
-        .route(embeddings::ROUTE, post(embeddings))
-        .route(images::ROUTE, post(image_generations))
+        .route(chat::ROUTE, post(pipeline_handler::<chat::Chat>))
+        .route(
+            embeddings::ROUTE,
+            post(pipeline_handler::<embeddings::Embeddings>),
+        )
+        .route(images::ROUTE, post(pipeline_handler::<images::Images>))
         .route(models::ROUTE, get(list_models))
         .route("/v1/balance", get(balance))
         .route("/v1/usage", get(usage))
@@ -143,78 +146,33 @@ async fn require_caller(st: &SharedState, headers: &HeaderMap) -> Result<Caller,
         .ok_or_else(|| crate::auth::AuthError::Missing.into())
 }
 
-async fn chat_completions(
+/// Every pipeline route: the route's own parse and run inside [`pipeline_route`].
+async fn pipeline_handler<R: Route>(
     State(st): State<SharedState>,
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> Response {
-    pipeline_route(
-        st,
-        &headers,
-        body,
-        chat::ROUTE,
-        chat::parse,
-        |st, caller, call| async move { chat::run(&st, caller, call).await },
-    )
-    .await
-}
-
-async fn embeddings(
-    State(st): State<SharedState>,
-    headers: HeaderMap,
-    body: Result<RawBody, ApiError>,
-) -> Response {
-    pipeline_route(
-        st,
-        &headers,
-        body,
-        embeddings::ROUTE,
-        embeddings::parse,
-        |st, caller, call| async move { embeddings::run(&st, caller, call).await },
-    )
-    .await
-}
-
-async fn image_generations(
-    State(st): State<SharedState>,
-    headers: HeaderMap,
-    body: Result<RawBody, ApiError>,
-) -> Response {
-    pipeline_route(
-        st,
-        &headers,
-        body,
-        images::ROUTE,
-        images::parse,
-        |st, caller, call| async move { images::run(&st, caller, call).await },
-    )
-    .await
+    pipeline_route::<R>(st, &headers, body).await
 }
 
 /// One route through the pipeline: read and parse the body (the route's own validation), find
 /// the caller, run the route's steps within `server.request_timeout`, count it, answer.
-async fn pipeline_route<F, Fut>(
+async fn pipeline_route<R: Route>(
     st: SharedState,
     headers: &HeaderMap,
     body: Result<RawBody, ApiError>,
-    route: &'static str,
-    parse: fn(pipeline::Body, String) -> Result<Call, ApiError>,
-    run: F,
-) -> Response
-where
-    F: FnOnce(SharedState, Option<Caller>, Call) -> Fut,
-    Fut: std::future::Future<Output = Result<Served, ApiError>>,
-{
+) -> Response {
+    let route = R::PATH;
     let started = Instant::now();
     let request_id = request_id_of(headers);
     let result = async {
         // The body's share of the in-flight budget is held until the answer is made.
         let RawBody(bytes, _permit) = body?;
         let caller = caller_of(&st, headers).await?;
-        let call = parse(pipeline::Body::parse(bytes)?, request_id)?;
+        let call = R::parse(pipeline::Body::parse(bytes)?, request_id)?;
         let model = call.model.clone();
         let limit = st.config.server.request_timeout;
-        let reply = tokio::time::timeout(limit, run(st.clone(), caller, call))
+        let reply = tokio::time::timeout(limit, R::run(&st, caller, call))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Plugins compiled into the gateway binary.
-const BUNDLED: &[&str] = &["demo", "openai", "policy_secrets"];
+const BUNDLED: &[&str] = &["demo", "openai", "anthropic", "policy_secrets"];
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
@@ -25,6 +25,7 @@ fn main() {
         "sdk",
         "demo",
         "openai",
+        "anthropic",
         "policy_secrets",
         "testguests",
         "Cargo.toml",
@@ -73,6 +74,15 @@ fn main() {
         "/// Bundled plugins: (name, component bytes).\npub static BUNDLED: &[(&str, &[u8])] = &[\n",
     );
     for name in BUNDLED {
+        // Checkouts sharing one target directory share this script's compiled binary (cargo
+        // keys it by the path inside the package), so it may run for a checkout that predates
+        // a plugin: a plugin whose crate is absent there is not bundled, and cargo says so.
+        if !plugins.join(name).join("Cargo.toml").exists() {
+            println!(
+                "cargo:warning=bundled plugin `{name}` has no crate in this checkout's plugins/; not bundled"
+            );
+            continue;
+        }
         let file = artifacts.join(format!("{name}.wasm"));
         if !file.exists() {
             fail(&format!(

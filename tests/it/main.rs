@@ -1,6 +1,7 @@
 //! The integration tests as one binary (one link of wasmtime instead of one per file): each
 //! module is one area of the gateway, run against real servers on 127.0.0.1.
 
+mod anthropic;
 mod billing;
 mod chat;
 mod cli;

@@ -157,6 +157,8 @@ struct RawBilling {
     default_max_output_tokens: u64,
     #[serde(default = "default_hold_ttl")]
     reservation_ttl: String,
+    #[serde(default = "default_max_pending_charges")]
+    max_pending_charges: usize,
 }
 
 impl Default for RawBilling {
@@ -164,8 +166,13 @@ impl Default for RawBilling {
         Self {
             default_max_output_tokens: default_max_output(),
             reservation_ttl: default_hold_ttl(),
+            max_pending_charges: default_max_pending_charges(),
         }
     }
+}
+
+fn default_max_pending_charges() -> usize {
+    100_000
 }
 
 fn default_max_output() -> u64 {
@@ -508,6 +515,9 @@ pub struct ModerationConfig {
 pub struct BillingConfig {
     pub default_max_output_tokens: u64,
     pub reservation_ttl: Duration,
+    /// SQLite: the most charges a gateway holds that are not in the ledger yet, counting the
+    /// requests in flight that may add one; past it, billed requests get a 503.
+    pub max_pending_charges: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -714,6 +724,9 @@ impl RawConfig {
         if self.upstream.max_event_bytes == 0 {
             problems.push("upstream.max_event_bytes: must be above 0".into());
         }
+        if self.billing.max_pending_charges == 0 {
+            problems.push("billing.max_pending_charges: must be above 0".into());
+        }
         let db_url = self.database.url.clone();
         if !(db_url.starts_with("sqlite:")
             || db_url.starts_with("postgres:")
@@ -755,6 +768,7 @@ impl RawConfig {
             billing: BillingConfig {
                 default_max_output_tokens: self.billing.default_max_output_tokens,
                 reservation_ttl,
+                max_pending_charges: self.billing.max_pending_charges,
             },
             moderation: ModerationConfig {
                 policies_dir: PathBuf::from(self.moderation.policies_dir),

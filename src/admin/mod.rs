@@ -62,6 +62,9 @@ impl IntoResponse for AdminError {
             Self::Billing(BillingError::InsufficientBalance { .. }) => {
                 (StatusCode::PAYMENT_REQUIRED, "insufficient_quota")
             }
+            Self::Billing(BillingError::Backlog { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "billing_backlog")
+            }
             Self::Billing(BillingError::Ledger(_))
             | Self::Accounts(AccountError::Store(_))
             | Self::Keys(keys::KeyError::Store(_)) => {

@@ -87,7 +87,7 @@ impl AppState {
         let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
         let billing = Billing::for_gateway(
             db,
-            config.billing.reservation_ttl,
+            crate::billing::Settings::from(&config.billing),
             Some(metrics.clone()),
             &background,
         )
@@ -352,11 +352,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tracing::error!(error = %e, "operator listener failed");
         }
     });
-    // The sweeper: reservations whose request died with another instance expire and are released.
+    // The sweeper: reservations whose request died with another instance stop being renewed,
+    // expire and are released; it runs at least twice per reservation lifetime.
     let sweeper = Arc::downgrade(&state);
     let stopping = state.background.stopping();
+    let every = sweep_period(state.config.billing.reservation_ttl);
     state.background.spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut tick = tokio::time::interval(every);
         tokio::pin!(stopping);
         loop {
             tokio::select! {
@@ -379,4 +381,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tasks,
         _watches: watches,
     })
+}
+
+/// How often the sweeper runs: every 30 s, or twice per reservation lifetime if that is shorter.
+fn sweep_period(reservation_ttl: std::time::Duration) -> std::time::Duration {
+    (reservation_ttl / 2).clamp(
+        std::time::Duration::from_millis(1),
+        std::time::Duration::from_secs(30),
+    )
 }

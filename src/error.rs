@@ -97,6 +97,7 @@ impl ApiError {
             Self::Billing(e) => match e {
                 BillingError::InsufficientBalance { .. } => StatusCode::PAYMENT_REQUIRED,
                 BillingError::NoAccount => StatusCode::FORBIDDEN,
+                BillingError::Backlog { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 BillingError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::Limit(LimitError::Exceeded(_)) => StatusCode::TOO_MANY_REQUESTS,
@@ -156,6 +157,7 @@ impl ApiError {
             Self::Billing(e) => match e {
                 BillingError::InsufficientBalance { .. } => "insufficient_quota",
                 BillingError::NoAccount => "account_not_found",
+                BillingError::Backlog { .. } => "billing_backlog",
                 BillingError::Ledger(_) => "internal_error",
             },
             Self::Limit(LimitError::Exceeded(_)) => "rate_limit_exceeded",
@@ -261,7 +263,8 @@ impl ApiError {
         body
     }
 
-    /// Retry hint for 429s: from the upstream, or from our own limits.
+    /// Retry hint for 429s and 503s: from the upstream, from our own limits, or when the
+    /// gateway expects to have room again.
     fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Self::Plugin(PluginError::Guest {
@@ -272,6 +275,9 @@ impl ApiError {
                 .retry_after()
                 .map(|d| d.as_millis().div_ceil(1000).max(1) as u64),
             Self::Request(RequestError::Busy) => Some(1),
+            Self::Billing(BillingError::Backlog { retry_after, .. }) => {
+                Some(retry_after.as_secs().max(1))
+            }
             _ => None,
         }
     }

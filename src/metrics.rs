@@ -92,6 +92,9 @@ pub struct Metrics {
     spend: Family<ModelLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     payment_required: Family<ModelLabels, Counter>,
+    overrun: Family<ModelLabels, Counter>,
+    overruns: Family<ModelLabels, Counter>,
+    backlog_refusals: Family<ModelLabels, Counter>,
     open_reservations: prometheus_client::metrics::gauge::Gauge,
     verdicts: Family<VerdictLabels, Counter>,
     policy_reloads: Family<OutcomeLabels, Counter>,
@@ -177,6 +180,24 @@ impl Metrics {
             "Requests refused with 402 because the balance could not cover the estimate",
             payment_required.clone(),
         );
+        let overrun = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "billing_overrun_picodollars",
+            "Money charged beyond what a request had reserved (its usage is charged in full), in pico-dollars, by model",
+            overrun.clone(),
+        );
+        let overruns = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "billing_overruns",
+            "Charges whose usage cost more than their reservation, by model",
+            overruns.clone(),
+        );
+        let backlog_refusals = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "billing_backlog_refusals",
+            "Requests refused with 503 because billing.max_pending_charges charges wait for the ledger",
+            backlog_refusals.clone(),
+        );
         let open_reservations = prometheus_client::metrics::gauge::Gauge::default();
         registry.register(
             "open_reservations",
@@ -208,6 +229,9 @@ impl Metrics {
             spend,
             tokens,
             payment_required,
+            overrun,
+            overruns,
+            backlog_refusals,
             open_reservations,
             requests,
             request_duration,
@@ -321,6 +345,25 @@ impl Metrics {
 
     pub fn payment_required(&self, model: &str) {
         self.payment_required
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// A charge went `picodollars` beyond its reservation.
+    pub fn overrun(&self, model: &str, picodollars: i64) {
+        let labels = ModelLabels {
+            model: model.to_string(),
+        };
+        self.overrun
+            .get_or_create(&labels)
+            .inc_by(u64::try_from(picodollars).unwrap_or(0));
+        self.overruns.get_or_create(&labels).inc();
+    }
+
+    pub fn backlog_refusal(&self, model: &str) {
+        self.backlog_refusals
             .get_or_create(&ModelLabels {
                 model: model.to_string(),
             })

@@ -40,6 +40,7 @@ impl From<BillingError> for AccountError {
         match e {
             BillingError::NoAccount => Self::NotFound,
             BillingError::InsufficientBalance { .. } => Self::Invalid(e.to_string()),
+            BillingError::Backlog { .. } => Self::Store(StoreError::Io(e.to_string())),
             BillingError::Ledger(s) => Self::Store(s),
         }
     }

@@ -60,6 +60,7 @@ impl AdminError {
             | Self::Keys(keys::KeyError::NotFound) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Billing(BillingError::InsufficientBalance { .. }) => StatusCode::PAYMENT_REQUIRED,
+            Self::Billing(BillingError::Backlog { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Billing(BillingError::Ledger(_))
             | Self::Accounts(AccountError::Store(_))
             | Self::Keys(keys::KeyError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,6 +80,7 @@ impl AdminError {
             | Self::Accounts(AccountError::NotFound)
             | Self::Keys(keys::KeyError::NotFound) => "not_found",
             Self::Billing(BillingError::InsufficientBalance { .. }) => "insufficient_quota",
+            Self::Billing(BillingError::Backlog { .. }) => "billing_backlog",
             Self::Billing(BillingError::Ledger(_))
             | Self::Accounts(AccountError::Store(_))
             | Self::Keys(keys::KeyError::Store(_)) => "internal_error",

@@ -24,11 +24,28 @@ pub struct Charge {
     pub request_id: String,
     pub model: String,
     pub cost: Credits,
+    /// What the charge takes beyond the request's reservation (its usage is charged in full);
+    /// 0 within it. Journals of earlier versions have none.
+    #[serde(default)]
+    pub overrun: Credits,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub images: i64,
     pub seconds: i64,
     pub created_at: i64,
+}
+
+impl Charge {
+    /// Charge at most `most` (what keeps the balance at or above `-MAX_BALANCE`), taking the cut
+    /// from the overrun.
+    pub(super) fn cap(&mut self, most: i64) {
+        let most = most.max(0);
+        if self.cost.0 > most {
+            let cut = self.cost.0 - most;
+            self.cost = Credits(most);
+            self.overrun = Credits(self.overrun.0.saturating_sub(cut).max(0));
+        }
+    }
 }
 
 /// One ledger line.
@@ -44,6 +61,8 @@ pub struct LedgerEntry {
     pub amount_usd: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of a charge: what it took beyond the request's reservation.
+    pub overrun: i64,
     pub note: Option<String>,
     pub created_at: i64,
 }
@@ -105,6 +124,7 @@ type LedgerRow = (
     i64,
     i64,
     i64,
+    i64,
     Option<String>,
     i64,
 );
@@ -121,12 +141,13 @@ fn entry(r: LedgerRow) -> LedgerEntry {
         amount_usd: Credits(r.6).to_string(),
         prompt_tokens: r.7,
         completion_tokens: r.8,
-        note: r.9,
-        created_at: r.10,
+        overrun: r.9,
+        note: r.10,
+        created_at: r.11,
     }
 }
 
-const LEDGER_COLUMNS: &str = "id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, note, created_at";
+const LEDGER_COLUMNS: &str = "id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, overrun, note, created_at";
 
 /// Append charges to the ledger in one statement (the ledger trigger moves each account's
 /// balance row by row); a request charged already is skipped. Returns the request ids
@@ -138,9 +159,9 @@ pub(super) async fn insert_charges<'e, E>(
 where
     E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
-    const COLUMNS: usize = 11;
+    const COLUMNS: usize = 12;
     let mut sql = String::from(
-        "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at) VALUES ",
+        "INSERT INTO ledger (id, account_id, key_id, request_id, model, kind, amount, prompt_tokens, completion_tokens, images, seconds, created_at, overrun) VALUES ",
     );
     for i in 0..batch.len() {
         if i > 0 {
@@ -150,7 +171,7 @@ where
         // Writing into the one buffer: no string per row.
         let _ = write!(
             sql,
-            "(${}, ${}, ${}, ${}, ${}, 'charge', ${}, ${}, ${}, ${}, ${}, ${})",
+            "(${}, ${}, ${}, ${}, ${}, 'charge', ${}, ${}, ${}, ${}, ${}, ${}, ${})",
             p + 1,
             p + 2,
             p + 3,
@@ -161,7 +182,8 @@ where
             p + 8,
             p + 9,
             p + 10,
-            p + 11
+            p + 11,
+            p + 12
         );
     }
     sql.push_str(" ON CONFLICT DO NOTHING RETURNING request_id");
@@ -178,7 +200,8 @@ where
             .bind(c.completion_tokens)
             .bind(c.images)
             .bind(c.seconds)
-            .bind(c.created_at);
+            .bind(c.created_at)
+            .bind(c.overrun.0);
     }
     Ok(q.fetch_all(executor).await?.into_iter().collect())
 }
@@ -321,7 +344,8 @@ pub(super) async fn spent_by_key_since(
 }
 
 /// The stored balance equals the sum of the ledger, the stored `reserved` equals the open
-/// reservation rows, and the balance is below zero only if a forced debit took it there.
+/// reservation rows, and the balance is below zero only if a forced debit took it there or by
+/// at most what charges took beyond their reservations (their `overrun`).
 pub(super) async fn verify(db: &Db, account_id: &str) -> Result<bool, BillingError> {
     let row: Option<(i64, i64)> =
         sqlx::query_as("SELECT balance, reserved FROM accounts WHERE id = $1")
@@ -331,14 +355,18 @@ pub(super) async fn verify(db: &Db, account_id: &str) -> Result<bool, BillingErr
     let (balance, reserved) = row.ok_or(BillingError::NoAccount)?;
     // Summed here, wide: SQLite's SUM fails on an overflow in the middle, whose occurrence
     // depends on the order it reads the rows in (credits to the maximum, then debits).
-    let (mut sum, mut forced) = (0_i128, false);
-    let mut rows =
-        sqlx::query_as::<_, (i64, String)>("SELECT amount, kind FROM ledger WHERE account_id = $1")
-            .bind(account_id)
-            .fetch(&db.pool);
-    while let Some((amount, kind)) = rows.try_next().await? {
+    let (mut sum, mut forced, mut overrun) = (0_i128, false, 0_i128);
+    let mut rows = sqlx::query_as::<_, (i64, String, i64)>(
+        "SELECT amount, kind, overrun FROM ledger WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch(&db.pool);
+    while let Some((amount, kind, over)) = rows.try_next().await? {
         sum += i128::from(amount);
         forced |= kind == Adjustment::ForcedDebit.kind();
+        if kind == "charge" {
+            overrun += i128::from(over.max(0));
+        }
     }
     drop(rows);
     let (open,): (i64,) = sqlx::query_as(
@@ -347,5 +375,6 @@ pub(super) async fn verify(db: &Db, account_id: &str) -> Result<bool, BillingErr
     .bind(account_id)
     .fetch_one(&db.pool)
     .await?;
-    Ok(sum == i128::from(balance) && open == reserved && (balance >= 0 || forced))
+    let in_range = forced || i128::from(balance) >= -overrun;
+    Ok(sum == i128::from(balance) && open == reserved && in_range)
 }

@@ -15,8 +15,17 @@
 //!   memory. Reserving is a check under a mutex with no write; settling is one append to the
 //!   charge journal, moved into the ledger (unique per request) in batches by one writer; a
 //!   crash leaves nothing to release, and the next start moves the journal into the ledger.
+//!   At most [`Settings::max_pending_charges`] charges wait for the ledger, counting the
+//!   requests in flight: past it a reservation is refused ([`BillingError::Backlog`], 503).
 //! - [`shared::Shared`], PostgreSQL (several gateways) and the CLI beside a running gateway
-//!   ([`Billing::new`]): rows in the `reservations` table, each step one transaction.
+//!   ([`Billing::new`]): rows in the `reservations` table, each step one transaction. A row is
+//!   a lease: the sweeper releases it once its `expires_at` passed, and a live [`Hold`] renews
+//!   it every third of `billing.reservation_ttl` (a small tracked task, stopped with the hold).
+//!
+//! The charge is the usage in full, even beyond the reservation (the estimate only sizes the
+//! reservation): the balance may then go below zero by that overrun, and the reservation check
+//! refuses the account (402) until it is topped up. The ledger line says how much went beyond
+//! (`overrun`); no charge takes a balance below `-MAX_BALANCE`.
 //!
 //! [`Billing`] is the facade the request path holds: it picks the implementation once, keeps
 //! the metrics, and hands out [`Hold`]s. A [`Hold`] that is dropped without `settle` releases
@@ -37,6 +46,34 @@ use crate::metrics::Metrics;
 use crate::store::{Backend, Db, StoreError, now_ms};
 
 pub use ledger::{Adjustment, Charge, LedgerEntry, Refusal};
+
+/// How a gateway's billing is set up (from `billing.*` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// PostgreSQL: how long a reservation's lease lasts unless renewed; a live hold renews it
+    /// every third of it.
+    pub reservation_ttl: Duration,
+    /// SQLite: the most charges waiting for the ledger plus requests in flight that may add one.
+    pub max_pending_charges: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            reservation_ttl: Duration::from_secs(15 * 60),
+            max_pending_charges: 100_000,
+        }
+    }
+}
+
+impl From<&crate::config::BillingConfig> for Settings {
+    fn from(c: &crate::config::BillingConfig) -> Self {
+        Self {
+            reservation_ttl: c.reservation_ttl,
+            max_pending_charges: c.max_pending_charges,
+        }
+    }
+}
 
 /// An amount of money in pico-dollars (1e-12 USD).
 #[derive(
@@ -154,6 +191,14 @@ pub enum BillingError {
     InsufficientBalance { estimate: Credits },
     #[error("account not found")]
     NoAccount,
+    #[error(
+        "The gateway cannot record charges right now ({pending} wait for the ledger); retry shortly."
+    )]
+    Backlog {
+        pending: usize,
+        /// When a retry may pass (the ledger writer's next attempt).
+        retry_after: Duration,
+    },
     #[error("ledger write failed")]
     Ledger(#[from] StoreError),
 }
@@ -175,11 +220,19 @@ pub struct Balance {
 /// How a settle ended for the reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settled {
-    /// The charge is in the ledger (or the journal); `false`: the request was charged already,
-    /// or its reservation was released first.
-    pub charged: bool,
-    /// This call closed the reservation (otherwise whoever released it did).
+    /// The charge as it is in the ledger (or the journal); `None`: the request was charged
+    /// already.
+    pub charged: Option<Charged>,
+    /// This call closed the reservation (otherwise whoever released it did: the sweeper).
     pub closed: bool,
+}
+
+/// What a settle charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charged {
+    pub cost: Credits,
+    /// The part of `cost` beyond the reservation (all of it if the reservation was swept first).
+    pub overrun: Credits,
 }
 
 /// Where open reservations live and how a settled charge reaches the ledger: the one interface
@@ -188,10 +241,12 @@ pub struct Settled {
 /// metrics.
 pub trait Reservations: Send + Sync {
     /// Hold `hold.amount` on `hold.account_id`, atomically; `InsufficientBalance` if the free
-    /// balance cannot cover it or the account is not active.
+    /// balance cannot cover it or the account is not active, `Backlog` if too many charges wait
+    /// for the ledger.
     fn reserve(&self, hold: &Hold) -> impl Future<Output = Result<(), BillingError>> + Send;
-    /// Charge `charge` (at most the reservation) and close the reservation, at most once per
-    /// request; durable when this returns.
+    /// Charge `charge` (the usage in full, even beyond the reservation, capped only so that the
+    /// balance stays at or above `-MAX_BALANCE`) and close the reservation, at most once per
+    /// request, also when the reservation was swept first; durable when this returns.
     fn settle(
         &self,
         hold: &Hold,
@@ -208,6 +263,13 @@ pub trait Reservations: Send + Sync {
     fn reconcile(&self, at_start: bool) -> impl Future<Output = Result<u64, BillingError>> + Send;
     /// What this process holds for the account beyond the stored `reserved` column.
     fn reserved_in_memory(&self, account_id: &str) -> Credits;
+    /// How often a live hold renews its lease (`None`: a reservation never expires).
+    fn lease(&self) -> Option<Duration>;
+    /// Extend the lease of an open reservation; `false` once it is closed.
+    fn renew(&self, hold_id: &str) -> impl Future<Output = Result<bool, BillingError>> + Send;
+    /// At rest, after a flush: what this process keeps in memory for the account agrees with
+    /// itself (what is held equals the open holds; nothing of it waits for the ledger).
+    fn verify_memory(&self, account_id: &str) -> bool;
     /// Post an operator's credit or debit of `amount` (> 0), refused (the balance unchanged) if
     /// it would leave the balance out of range or, for a plain debit, below what is held.
     fn post(
@@ -276,6 +338,27 @@ impl Reservations for Books {
         }
     }
 
+    fn lease(&self) -> Option<Duration> {
+        match self {
+            Self::Owned(b) => b.lease(),
+            Self::Shared(b) => b.lease(),
+        }
+    }
+
+    async fn renew(&self, hold_id: &str) -> Result<bool, BillingError> {
+        match self {
+            Self::Owned(b) => b.renew(hold_id).await,
+            Self::Shared(b) => b.renew(hold_id).await,
+        }
+    }
+
+    fn verify_memory(&self, account_id: &str) -> bool {
+        match self {
+            Self::Owned(b) => b.verify_memory(account_id),
+            Self::Shared(b) => b.verify_memory(account_id),
+        }
+    }
+
     async fn post(
         &self,
         account_id: &str,
@@ -300,11 +383,13 @@ struct Inner {
     db: Db,
     books: Books,
     metrics: Option<Arc<Metrics>>,
-    /// Where a dropped hold's release runs (tracked, so a shutdown waits for it).
+    /// Where a dropped hold's release and lease renewals run (tracked, so a shutdown waits for
+    /// them).
     background: crate::tasks::Background,
 }
 
-/// A reservation. `settle` charges; dropping it unsettled releases it.
+/// A reservation. `settle` charges; dropping it unsettled releases it. On PostgreSQL it keeps
+/// its row's lease renewed while it lives.
 pub struct Hold {
     billing: Billing,
     pub id: String,
@@ -315,6 +400,8 @@ pub struct Hold {
     pub amount: Credits,
     pub price: Price,
     done: bool,
+    /// Stops the lease renewal when the hold goes (settled, released or dropped).
+    _lease: Option<tokio_util::sync::DropGuard>,
 }
 
 impl fmt::Debug for Hold {
@@ -353,17 +440,21 @@ impl Billing {
     /// Billing for the gateway: on SQLite it owns the database ([`owned`]: reservations in
     /// memory, charges journaled, an earlier run's journal moved into the ledger first); on
     /// PostgreSQL as [`Billing::new`]. Call from within the runtime that serves; the journal
-    /// writer and the release of dropped holds run on `background` (stopped last at shutdown,
-    /// after every journaled charge is in the ledger).
+    /// writer, lease renewals and the release of dropped holds run on `background` (stopped
+    /// last at shutdown, after every journaled charge is in the ledger).
     pub async fn for_gateway(
         db: Db,
-        hold_ttl: Duration,
+        settings: Settings,
         metrics: Option<Arc<Metrics>>,
         background: &crate::tasks::Background,
     ) -> Result<Self, BillingError> {
         let books = match db.backend {
-            Backend::Sqlite => Books::Owned(owned::Owned::open(db.clone(), background).await?),
-            Backend::Postgres => Books::Shared(shared::Shared::new(db.clone(), hold_ttl)),
+            Backend::Sqlite => Books::Owned(
+                owned::Owned::open(db.clone(), background, settings.max_pending_charges).await?,
+            ),
+            Backend::Postgres => {
+                Books::Shared(shared::Shared::new(db.clone(), settings.reservation_ttl))
+            }
         };
         Ok(Self::with(db, books, metrics, background.clone()))
     }
@@ -405,16 +496,54 @@ impl Billing {
             price,
             // Nothing to release until the reservation is made.
             done: true,
+            _lease: None,
         };
         if let Err(e) = self.inner.books.reserve(&hold).await {
-            if let (BillingError::InsufficientBalance { .. }, Some(m)) = (&e, &self.inner.metrics) {
-                m.payment_required(model);
+            if let Some(m) = &self.inner.metrics {
+                match &e {
+                    BillingError::InsufficientBalance { .. } => m.payment_required(model),
+                    BillingError::Backlog { .. } => m.backlog_refusal(model),
+                    BillingError::NoAccount | BillingError::Ledger(_) => {}
+                }
             }
             return Err(e);
         }
         hold.done = false;
+        if let Some(every) = self.inner.books.lease() {
+            hold._lease = Some(self.keep_leased(hold.id.clone(), every));
+        }
         self.open_reservations(1);
         Ok(hold)
+    }
+
+    /// Renew a reservation's lease every `every` until the returned guard is dropped (the hold
+    /// settles, is released or dropped), the reservation is closed, or the gateway stops.
+    fn keep_leased(&self, hold_id: String, every: Duration) -> tokio_util::sync::DropGuard {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let guard = stop.clone().drop_guard();
+        let billing = self.clone();
+        let stopping = self.inner.background.stopping();
+        self.inner.background.spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tokio::pin!(stopping);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    () = &mut stopping => break,
+                    _ = tick.tick() => {}
+                }
+                match billing.inner.books.renew(&hold_id).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(reservation = %hold_id, error = %e, "renewing a reservation's lease failed; retrying");
+                    }
+                }
+            }
+        });
+        guard
     }
 
     /// Release a hold: in memory at once, or its row (idempotent).
@@ -494,41 +623,56 @@ impl Billing {
         ledger::spent_by_key_since(&self.inner.db, account_id, key_id, since_ms).await
     }
 
-    /// The balance equals the sum of the ledger, the stored `reserved` equals the open
-    /// reservation rows, and the balance is below zero only after a forced debit.
+    /// At rest: the balance equals the sum of the ledger, the stored `reserved` equals the open
+    /// reservation rows, the balance is below zero only after a forced debit or by at most what
+    /// charges took beyond their reservations; on SQLite also what memory holds for the account
+    /// equals its open holds and none of its charges still waits for the ledger.
     pub async fn verify(&self, account: &str) -> Result<bool, BillingError> {
         self.flush().await?;
         let id = ledger::account_id(&self.inner.db, account).await?;
-        ledger::verify(&self.inner.db, &id).await
+        Ok(ledger::verify(&self.inner.db, &id).await? && self.inner.books.verify_memory(&id))
     }
 }
 
 impl Hold {
-    /// Charge the actual cost (capped at what was reserved, so the balance can never go below
-    /// zero), close the reservation, append the ledger entry. Exactly once per request.
+    /// Charge the actual cost in full, close the reservation, append the ledger entry. Exactly
+    /// once per request. A cost above the reservation is charged too (the balance may go below
+    /// zero by that overrun, and the account gets a 402 until topped up) and counted; so is one
+    /// whose reservation the sweeper released first (it counts wholly as overrun).
     pub async fn settle(mut self, usage: Usage) -> Result<Credits, BillingError> {
         self.done = true;
-        let cost = self.price.cost(&usage).min(self.amount);
-        let charge = self.charge(cost, &usage);
+        let charge = self.charge(self.price.cost(&usage), &usage);
         let billing = &self.billing;
         let settled = billing.inner.books.settle(&self, charge).await?;
         if settled.closed {
             billing.open_reservations(-1);
         }
-        if !settled.charged {
+        let Some(charged) = settled.charged else {
             return Ok(Credits(0));
-        }
+        };
         if let Some(m) = &billing.inner.metrics {
             m.spend(
                 &self.model,
-                cost.0,
+                charged.cost.0,
                 usage.prompt_tokens,
                 usage.completion_tokens,
             );
+            if charged.overrun.0 > 0 {
+                m.overrun(&self.model, charged.overrun.0);
+            }
         }
-        Ok(cost)
+        if charged.overrun.0 > 0 {
+            tracing::info!(
+                request_id = %self.request_id,
+                reserved = self.amount.0,
+                cost = charged.cost.0,
+                "usage cost more than the reservation; charged in full"
+            );
+        }
+        Ok(charged.cost)
     }
 
+    /// The ledger charge of `cost`, with the part beyond the reservation.
     fn charge(&self, cost: Credits, usage: &Usage) -> Charge {
         Charge {
             id: ulid::Ulid::new().to_string(),
@@ -537,6 +681,7 @@ impl Hold {
             request_id: self.request_id.clone(),
             model: self.model.clone(),
             cost,
+            overrun: Credits(cost.0.saturating_sub(self.amount.0).max(0)),
             prompt_tokens: i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX),
             completion_tokens: i64::try_from(usage.completion_tokens).unwrap_or(i64::MAX),
             images: i64::try_from(usage.images).unwrap_or(i64::MAX),
@@ -576,6 +721,7 @@ impl Drop for Hold {
             amount: self.amount,
             price: self.price,
             done: true,
+            _lease: None,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let background = billing.inner.background.clone();

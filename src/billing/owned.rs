@@ -15,8 +15,16 @@
 //! there is skipped: the ledger holds one charge per request id), then empties the journal.
 //! The journal is rewritten with only the lines still waiting once it passes [`ROTATE_BYTES`].
 //!
+//! What waits for the ledger is bounded: at most `billing.max_pending_charges` charges waiting
+//! plus requests in flight (each may add one). Past it, [`Owned::reserve`] refuses with
+//! [`BillingError::Backlog`] (a 503 with `Retry-After`) before anything is held or sent, so a
+//! database that stays down costs memory and journal only up to the bound. While the database
+//! fails, the writer retries with a backoff of up to [`MAX_BACKOFF`]; a flush tries at once.
+//!
 //! Per account, memory holds the stored balance, the charges journaled and not yet in the
-//! ledger, and the open reservations; the free balance is the first minus the other two. The
+//! ledger, and the open reservations (each by id, and their sum); the free balance is the first
+//! minus the other two. A charge is the usage in full, so the free balance can go below zero by
+//! an overrun: then nothing is reserved until credits cover it again. The
 //! stored balance is read again at least once per [`REFRESH`] and before any 402 older than
 //! [`RECHECK`] (on the writer task, after the waiting charges are in the ledger), so credits
 //! added from the CLI (another process) are seen within a second. A request id is charged once:
@@ -31,33 +39,34 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::store::{Db, StoreError};
 
 use super::ledger::{self, Adjustment, Charge, LedgerEntry, Refusal, insert_charges};
-use super::{BillingError, Credits, Hold, Reservations, Settled};
+use super::{BillingError, Charged, Credits, Hold, MAX_BALANCE, Reservations, Settled};
 
 /// How long a loaded balance serves before it is read again.
 pub const REFRESH: Duration = Duration::from_secs(1);
 /// A refusal is only given on a balance read at most this long ago.
 pub const RECHECK: Duration = Duration::from_millis(100);
-/// The most charges moved into the ledger in one statement (11 parameters each).
+/// The most charges moved into the ledger in one statement (12 parameters each).
 const MAX_BATCH: usize = 256;
+/// Requests to the writer (reloads, flushes, posts) queued at most; a caller waits for room.
+const COMMANDS: usize = 1024;
 /// The journal is rewritten with only its waiting lines once it is this long.
 pub const ROTATE_BYTES: u64 = 1 << 20;
 /// How many request ids of recent charges are remembered (a repeat among them is refused at
 /// once; an older one is refused by the ledger's unique index when it is moved there).
 const RECENT: usize = 100_000;
 /// The longest pause between two attempts to move charges into a failing database.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 enum Command {
-    /// Move the waiting charges into the ledger.
-    Move,
     /// Read the account's stored balance and status.
     Reload(String, oneshot::Sender<Result<(), BillingError>>),
     /// Move the waiting charges, then answer (readers of the ledger see every charge), with
@@ -81,7 +90,51 @@ pub struct Owned {
     db: Db,
     accounts: Arc<Accounts>,
     journal: Arc<Mutex<Journal>>,
-    writer: mpsc::UnboundedSender<Command>,
+    writer: mpsc::Sender<Command>,
+    queue: Arc<Queue>,
+    /// `billing.max_pending_charges`.
+    max_pending: usize,
+}
+
+/// What the writer and the request path share besides the journal.
+#[derive(Default)]
+struct Queue {
+    /// Charges waiting for the ledger (journaled, or being moved) plus open request holds.
+    pending: AtomicUsize,
+    /// The last attempt to move charges failed.
+    failing: AtomicBool,
+    /// Charges are waiting: move them.
+    wake: Notify,
+}
+
+impl Queue {
+    fn add(&self, n: usize) {
+        self.pending.fetch_add(n, Ordering::SeqCst);
+    }
+
+    fn sub(&self, n: usize) {
+        // Never below zero, whatever the order of updates.
+        let _ = self
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(p.saturating_sub(n))
+            });
+    }
+}
+
+/// A place under the bound taken by a reservation in progress; given back unless kept (also if
+/// the reserving future is dropped midway).
+struct Place<'a> {
+    queue: &'a Queue,
+    kept: bool,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.queue.sub(1);
+        }
+    }
 }
 
 /// The charges made durable and not yet in the ledger, and where they are written.
@@ -106,10 +159,27 @@ struct State {
     balance: i64,
     /// Charged and journaled, not yet in the ledger.
     unmoved: i64,
-    /// Open reservations.
+    /// Open reservations: the sum of `open`.
     reserved: i64,
+    /// Each open reservation by id (a request's hold, or a plain debit being posted).
+    open: HashMap<String, Open>,
     active: bool,
     loaded: Option<Instant>,
+}
+
+struct Open {
+    amount: i64,
+    /// A request's hold (counted under the bound), not a debit being posted.
+    request: bool,
+}
+
+impl State {
+    /// Close an open reservation: what it held goes back to the free balance.
+    fn close(&mut self, id: &str) -> Option<Open> {
+        let open = self.open.remove(id)?;
+        self.reserved = self.reserved.saturating_sub(open.amount).max(0);
+        Some(open)
+    }
 }
 
 enum Decision {
@@ -218,7 +288,11 @@ pub fn journal_path(database_file: &Path) -> PathBuf {
 impl Owned {
     /// Move what an earlier run journaled into the ledger, empty the journal, and start the
     /// writer task on the current runtime.
-    pub async fn open(db: Db, background: &crate::tasks::Background) -> Result<Self, BillingError> {
+    pub async fn open(
+        db: Db,
+        background: &crate::tasks::Background,
+        max_pending: usize,
+    ) -> Result<Self, BillingError> {
         let file = match db.sqlite_file.as_deref() {
             Some(database) => {
                 let path = journal_path(database);
@@ -243,11 +317,15 @@ impl Owned {
             recent: HashSet::new(),
             order: VecDeque::new(),
         }));
-        let (writer, rx) = mpsc::unbounded_channel();
+        let (writer, rx) = mpsc::channel(COMMANDS);
+        let queue = Arc::new(Queue::default());
         background.spawn(write_loop(
-            db.clone(),
-            accounts.clone(),
-            journal.clone(),
+            Writer {
+                db: db.clone(),
+                accounts: accounts.clone(),
+                journal: journal.clone(),
+                queue: queue.clone(),
+            },
             rx,
             background.stopping(),
         ));
@@ -256,6 +334,8 @@ impl Owned {
             accounts,
             journal,
             writer,
+            queue,
+            max_pending: max_pending.max(1),
         })
     }
 
@@ -264,18 +344,23 @@ impl Owned {
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, BillingError> {
         let (tx, rx) = oneshot::channel();
-        self.writer.send(make(tx)).map_err(|_| writer_gone())?;
+        self.writer
+            .send(make(tx))
+            .await
+            .map_err(|_| writer_gone())?;
         rx.await.map_err(|_| writer_gone())
     }
 
-    /// Hold `amount` if the free balance covers it (and, for a request, the account is
-    /// active); otherwise the free balance, read at most [`RECHECK`] ago.
+    /// Hold `amount` under `id` if the free balance covers it (and, for a request, the account
+    /// is active); otherwise the free balance, read at most [`RECHECK`] ago.
     async fn hold(
         &self,
         account_id: &str,
+        id: &str,
         amount: Credits,
-        need_active: bool,
+        request: bool,
     ) -> Result<Result<(), Credits>, BillingError> {
+        let need_active = request;
         for attempt in 0..2 {
             let decision =
                 self.accounts
@@ -287,6 +372,13 @@ impl Owned {
                                 .saturating_sub(s.reserved);
                             if (s.active || !need_active) && free >= amount.0 {
                                 s.reserved = s.reserved.saturating_add(amount.0);
+                                s.open.insert(
+                                    id.to_string(),
+                                    Open {
+                                        amount: amount.0,
+                                        request,
+                                    },
+                                );
                                 Decision::Reserved
                             } else if attempt == 1 || age < RECHECK {
                                 Decision::Refused(free)
@@ -314,53 +406,103 @@ impl Owned {
         Ok(Err(Credits(free)))
     }
 
-    /// Give `amount` back to the free balance.
-    fn give_back(&self, account_id: &str, amount: Credits) {
-        if let Some(slot) = self.accounts.existing(account_id) {
-            let mut s = lock(&slot);
-            s.reserved = s.reserved.saturating_sub(amount.0).max(0);
+    /// Close the open reservation `id`: what it held goes back to the free balance; a request's
+    /// hold gives its place under the bound back. Idempotent.
+    fn give_back(&self, account_id: &str, id: &str) {
+        let closed = self
+            .accounts
+            .existing(account_id)
+            .and_then(|slot| lock(&slot).close(id));
+        if closed.is_some_and(|o| o.request) {
+            self.queue.sub(1);
         }
     }
 
-    /// Charge: journal the charge and take it from the free balance in place of the
-    /// reservation `reserved` (released whatever happens). `true` if charged, `false` if the
-    /// request was charged already. Returns once the charge is durable; the writer moves it
-    /// into the ledger soon after.
-    fn charge(&self, charge: Charge, reserved: Credits) -> Result<bool, BillingError> {
+    /// Charge: journal the charge (in full, capped only so that the balance stays at or above
+    /// `-MAX_BALANCE`) and take it from the free balance in place of the hold `hold_id` (closed
+    /// whatever happens). `None` if the request was charged already. Returns once the charge
+    /// is durable; the writer moves it into the ledger soon after.
+    fn charge(&self, mut charge: Charge, hold_id: &str) -> Result<Option<Charged>, BillingError> {
         let mut text = Vec::with_capacity(320);
-        let serialized = line(&mut text, &charge);
+        let mut serialized = line(&mut text, &charge);
         let mut j = lock(&self.journal);
+        let slot = self.accounts.slot(&charge.account_id);
+        let mut s = lock(&slot);
+        let held = s.close(hold_id).is_some_and(|o| o.request);
         let outcome = if j.recent.contains(&charge.request_id) {
-            Ok(false)
+            Ok(None)
         } else {
+            // What the balance will be once the waiting charges are moved, down to -MAX.
+            let cost = charge.cost;
+            charge.cap(
+                s.balance
+                    .saturating_sub(s.unmoved)
+                    .saturating_add(MAX_BALANCE.0),
+            );
+            if charge.cost != cost {
+                text.clear();
+                serialized = line(&mut text, &charge);
+            }
             serialized
                 .and_then(|()| j.append(&text))
-                .map(|()| true)
+                .map(|()| {
+                    Some(Charged {
+                        cost: charge.cost,
+                        overrun: charge.overrun,
+                    })
+                })
                 .map_err(|e| io_error("writing the charge journal", e))
         };
-        let charged = matches!(outcome, Ok(true));
-        self.accounts.with(&charge.account_id, |s| {
-            s.reserved = s.reserved.saturating_sub(reserved.0).max(0);
-            if charged {
-                s.unmoved = s.unmoved.saturating_add(charge.cost.0);
-            }
-        });
+        let charged = matches!(outcome, Ok(Some(_)));
+        if charged {
+            s.unmoved = s.unmoved.saturating_add(charge.cost.0);
+        }
+        drop(s);
         if charged {
             j.remember(&charge.request_id);
             j.waiting.push_back(charge);
+            // The hold's place under the bound is now the waiting charge's.
+            if !held {
+                self.queue.add(1);
+            }
             drop(j);
             // A writer that has stopped leaves the charge journaled: the next start moves it.
-            let _ = self.writer.send(Command::Move);
+            self.queue.wake.notify_one();
+        } else if held {
+            self.queue.sub(1);
         }
         outcome
     }
 }
 
 impl Reservations for Owned {
-    /// A check and an addition under the account's mutex; no write.
+    /// A place under the bound, then a check and an addition under the account's mutex; no
+    /// write.
     async fn reserve(&self, hold: &Hold) -> Result<(), BillingError> {
-        match self.hold(&hold.account_id, hold.amount, true).await? {
-            Ok(()) => Ok(()),
+        let before = self.queue.pending.fetch_add(1, Ordering::SeqCst);
+        let mut place = Place {
+            queue: &self.queue,
+            kept: false,
+        };
+        if before >= self.max_pending {
+            let retry_after = if self.queue.failing.load(Ordering::SeqCst) {
+                MAX_BACKOFF
+            } else {
+                Duration::from_secs(1)
+            };
+            return Err(BillingError::Backlog {
+                pending: before,
+                retry_after,
+            });
+        }
+        match self
+            .hold(&hold.account_id, &hold.id, hold.amount, true)
+            .await?
+        {
+            Ok(()) => {
+                place.kept = true;
+                Ok(())
+            }
             Err(_) => Err(BillingError::InsufficientBalance {
                 estimate: hold.amount,
             }),
@@ -369,7 +511,7 @@ impl Reservations for Owned {
 
     /// One append to the charge journal; the reservation is released whatever happens.
     async fn settle(&self, hold: &Hold, charge: Charge) -> Result<Settled, BillingError> {
-        let charged = self.charge(charge, hold.amount)?;
+        let charged = self.charge(charge, &hold.id)?;
         Ok(Settled {
             charged,
             closed: true,
@@ -377,7 +519,7 @@ impl Reservations for Owned {
     }
 
     fn release_now(&self, hold: &Hold) -> bool {
-        self.give_back(&hold.account_id, hold.amount);
+        self.give_back(&hold.account_id, &hold.id);
         true
     }
 
@@ -409,6 +551,37 @@ impl Reservations for Owned {
         )
     }
 
+    /// Reservations in memory never expire: a crash releases them all.
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn renew(&self, _hold_id: &str) -> Result<bool, BillingError> {
+        Ok(false)
+    }
+
+    /// At rest, after a flush: none of the account's charges waits for the ledger, what memory
+    /// holds for it is the sum of its open holds (never below zero), and the count under the
+    /// bound is exactly the waiting charges plus the open request holds.
+    fn verify_memory(&self, account_id: &str) -> bool {
+        let j = lock(&self.journal);
+        let mut ok = j.waiting.iter().all(|c| c.account_id != account_id);
+        let mut holds = 0;
+        let slots: Vec<(String, Arc<Mutex<State>>)> = lock(&self.accounts.0)
+            .iter()
+            .map(|(id, slot)| (id.clone(), slot.clone()))
+            .collect();
+        for (id, slot) in slots {
+            let s = lock(&slot);
+            holds += s.open.values().filter(|o| o.request).count();
+            if id == account_id {
+                let open: i64 = s.open.values().map(|o| o.amount).sum();
+                ok &= s.unmoved == 0 && s.reserved >= 0 && s.reserved == open;
+            }
+        }
+        ok && self.queue.pending.load(Ordering::SeqCst) == j.waiting.len() + holds
+    }
+
     /// A plain debit first holds its amount in memory like a request (so it is checked against
     /// the charges not yet moved and the requests in flight); the entry itself is written by the
     /// writer task, which moves the balance in memory by it.
@@ -423,7 +596,8 @@ impl Reservations for Owned {
             return Ok(Err(Refusal::NotPositive));
         }
         let held = adjustment == Adjustment::Debit;
-        if held && let Err(free) = self.hold(account_id, amount, false).await? {
+        let id = format!("debit-{}", ulid::Ulid::new());
+        if held && let Err(free) = self.hold(account_id, &id, amount, false).await? {
             return Ok(Err(Refusal::Overdraw { free }));
         }
         let post = Post {
@@ -437,7 +611,7 @@ impl Reservations for Owned {
             Err(e) => Err(e),
         };
         if held {
-            self.give_back(account_id, amount);
+            self.give_back(account_id, &id);
         }
         posted
     }
@@ -447,142 +621,180 @@ fn writer_gone() -> BillingError {
     io_error("the ledger writer", "stopped")
 }
 
-/// The one writer: move the waiting charges into the ledger, then answer reloads and flushes
-/// in order. A reload needs no move first: the stored balance counts exactly the charges
-/// moved, and `unmoved` the others. While the database fails, the charges stay waiting (and
-/// journaled), flushes are answered with the error, and moving is retried with backoff.
-async fn write_loop(
+/// What the writer task owns a share of.
+struct Writer {
     db: Db,
     accounts: Arc<Accounts>,
     journal: Arc<Mutex<Journal>>,
-    mut rx: mpsc::UnboundedReceiver<Command>,
+    queue: Arc<Queue>,
+}
+
+/// Why moving failed last, and when to try again.
+struct Failing {
+    error: String,
+    pause: Duration,
+    until: tokio::time::Instant,
+}
+
+/// The one writer: move the waiting charges into the ledger when woken, then answer reloads,
+/// flushes and posts in order. A reload needs no move first: the stored balance counts exactly
+/// the charges moved, and `unmoved` the others. While the database fails, the charges stay
+/// waiting (and journaled), moving is retried with a backoff of up to [`MAX_BACKOFF`] (new
+/// charges do not hasten it; a flush does), and flushes are answered with the error.
+async fn write_loop(
+    w: Writer,
+    mut rx: mpsc::Receiver<Command>,
     stopping: tokio_util::sync::WaitForCancellationFutureOwned,
 ) {
     let mut commands = Vec::with_capacity(MAX_BATCH);
-    let mut retry: Option<Duration> = None;
+    let mut failing: Option<Failing> = None;
     tokio::pin!(stopping);
     loop {
-        let next = async {
-            match retry {
-                None => rx.recv_many(&mut commands, MAX_BATCH).await,
-                Some(pause) => {
-                    match tokio::time::timeout(pause, rx.recv_many(&mut commands, MAX_BATCH)).await
-                    {
-                        Ok(n) => n,
-                        // Nothing arrived during the pause: try moving again.
-                        Err(_) => usize::MAX,
-                    }
-                }
-            }
-        };
-        let received = tokio::select! {
+        let retry_at = failing.as_ref().map(|f| f.until);
+        let stop = tokio::select! {
             biased;
-            n = next => n,
-            () = &mut stopping => {
-                // Shutdown: move what is journaled (tries until it lands or the database
-                // stays down; what is left stays in the journal for the next start), then end.
-                let mut pause = Duration::from_millis(50);
-                for _ in 0..5 {
-                    if move_waiting(&db, &accounts, &journal).await.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_BACKOFF);
-                }
-                break;
-            }
+            () = &mut stopping => true,
+            n = rx.recv_many(&mut commands, MAX_BATCH) => n == 0,
+            () = w.queue.wake.notified(), if retry_at.is_none() => false,
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => false,
         };
-        if received == 0 {
+        if stop {
+            // Shutdown: move what is journaled (tries until it lands or the database stays
+            // down; what is left stays in the journal for the next start), then end.
+            let mut pause = Duration::from_millis(50);
+            for _ in 0..5 {
+                if w.move_waiting().await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
             break;
         }
-        let moved = move_waiting(&db, &accounts, &journal).await;
-        retry = match &moved {
-            Ok(()) => None,
-            Err(_) => Some(retry.map_or(Duration::from_millis(50), |p| (p * 2).min(MAX_BACKOFF))),
-        };
+        let flush = commands.iter().any(|c| matches!(c, Command::Flush(_)));
+        let due = failing
+            .as_ref()
+            .is_none_or(|f| flush || tokio::time::Instant::now() >= f.until);
+        if due {
+            match w.move_waiting().await {
+                Ok(()) => failing = None,
+                Err(e) => {
+                    let pause = failing.as_ref().map_or(Duration::from_millis(50), |f| {
+                        (f.pause * 2).min(MAX_BACKOFF)
+                    });
+                    failing = Some(Failing {
+                        error: e.to_string(),
+                        pause,
+                        until: tokio::time::Instant::now() + pause,
+                    });
+                }
+            }
+            w.queue.failing.store(failing.is_some(), Ordering::SeqCst);
+        }
         for command in commands.drain(..) {
             match command {
-                Command::Move => {}
                 Command::Reload(account_id, reply) => {
-                    let _ = reply.send(reload(&db, &accounts, &account_id).await);
+                    let _ = reply.send(reload(&w.db, &w.accounts, &account_id).await);
                 }
                 Command::Flush(reply) => {
-                    let _ = reply.send(match &moved {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(io_error("moving charges into the ledger", e)),
+                    let _ = reply.send(match &failing {
+                        None => Ok(()),
+                        Some(f) => Err(io_error("moving charges into the ledger", &f.error)),
                     });
                 }
                 Command::Post(post, reply) => {
-                    let _ = reply.send(post_entry(&db, &accounts, post).await);
+                    let _ = reply.send(post_entry(&w.db, &w.accounts, post).await);
                 }
             }
         }
     }
-    if let Err(e) = move_waiting(&db, &accounts, &journal).await {
+    if let Err(e) = w.move_waiting().await {
         tracing::error!(error = %e, "charges stay in the journal for the next start");
     }
 }
 
-/// Move every waiting charge into the ledger, [`MAX_BATCH`] per statement. A failed statement
-/// is retried charge by charge (so one bad row cannot hold back the others); what still fails
-/// goes back to the front of the queue, in order, and the error is returned.
-async fn move_waiting(
-    db: &Db,
-    accounts: &Accounts,
-    journal: &Mutex<Journal>,
-) -> Result<(), sqlx::Error> {
-    loop {
-        let batch: Vec<Charge> = {
-            let mut j = lock(journal);
-            let n = j.waiting.len().min(MAX_BATCH);
-            j.waiting.drain(..n).collect()
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
-        match insert_charges(&db.pool, &batch).await {
-            Ok(inserted) => moved(accounts, &batch, &inserted),
-            Err(error) => {
-                tracing::error!(%error, charges = batch.len(), "moving charges into the ledger failed; they stay journaled");
-                let mut failed = Vec::new();
-                let mut last = error;
-                for c in batch {
-                    match insert_charges(&db.pool, std::slice::from_ref(&c)).await {
-                        Ok(inserted) => moved(accounts, std::slice::from_ref(&c), &inserted),
-                        Err(e) => {
-                            last = e;
-                            failed.push(c);
-                        }
-                    }
-                }
-                if !failed.is_empty() {
-                    let mut j = lock(journal);
-                    for c in failed.into_iter().rev() {
-                        j.waiting.push_front(c);
-                    }
-                    return Err(last);
-                }
-            }
-        }
-        if let Err(e) = lock(journal).rotate() {
-            tracing::error!(error = %e, "rotating the charge journal failed; it keeps growing");
-        }
+/// A failure of this row alone (it breaks a constraint), not of the database.
+fn row_failed(e: &sqlx::Error) -> bool {
+    use sqlx::error::ErrorKind;
+    match e {
+        sqlx::Error::Database(d) => matches!(
+            d.kind(),
+            ErrorKind::ForeignKeyViolation
+                | ErrorKind::NotNullViolation
+                | ErrorKind::CheckViolation
+        ),
+        _ => false,
     }
 }
 
-/// Account for charges now in the ledger (`inserted` names the request ids that were new).
-fn moved(accounts: &Accounts, batch: &[Charge], inserted: &HashSet<String>) {
-    for c in batch {
-        let new = inserted.contains(c.request_id.as_str());
-        accounts.with(&c.account_id, |s| {
-            s.unmoved = s.unmoved.saturating_sub(c.cost.0);
-            if new {
-                s.balance = s.balance.saturating_sub(c.cost.0);
+impl Writer {
+    /// Move every waiting charge into the ledger, [`MAX_BATCH`] per statement. A failed
+    /// statement is retried charge by charge (so one bad row cannot hold back the others), until
+    /// a charge fails for a reason that is not its own (the database is down: the rest is not
+    /// tried); what was not moved goes back to the front of the queue, in order, and the error
+    /// is returned.
+    async fn move_waiting(&self) -> Result<(), sqlx::Error> {
+        loop {
+            let batch: Vec<Charge> = {
+                let mut j = lock(&self.journal);
+                let n = j.waiting.len().min(MAX_BATCH);
+                j.waiting.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return Ok(());
             }
-        });
-        if !new {
-            tracing::warn!(request_id = %c.request_id, "request charged already; the ledger keeps its first charge");
+            match insert_charges(&self.db.pool, &batch).await {
+                Ok(inserted) => self.moved(&batch, &inserted),
+                Err(error) => {
+                    tracing::error!(%error, charges = batch.len(), "moving charges into the ledger failed; they stay journaled");
+                    let mut failed = Vec::new();
+                    let mut last = None;
+                    let mut rest = batch.into_iter();
+                    for c in rest.by_ref() {
+                        match insert_charges(&self.db.pool, std::slice::from_ref(&c)).await {
+                            Ok(inserted) => self.moved(std::slice::from_ref(&c), &inserted),
+                            Err(e) => {
+                                let own = row_failed(&e);
+                                last = Some(e);
+                                failed.push(c);
+                                if !own {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    failed.extend(rest);
+                    if let Some(e) = last {
+                        let mut j = lock(&self.journal);
+                        for c in failed.into_iter().rev() {
+                            j.waiting.push_front(c);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            if let Err(e) = lock(&self.journal).rotate() {
+                tracing::error!(error = %e, "rotating the charge journal failed; it keeps growing");
+            }
         }
+    }
+
+    /// Account for charges now in the ledger (`inserted` names the request ids that were new);
+    /// their places under the bound are free again.
+    fn moved(&self, batch: &[Charge], inserted: &HashSet<String>) {
+        for c in batch {
+            let new = inserted.contains(c.request_id.as_str());
+            self.accounts.with(&c.account_id, |s| {
+                s.unmoved = s.unmoved.saturating_sub(c.cost.0);
+                if new {
+                    s.balance = s.balance.saturating_sub(c.cost.0);
+                }
+            });
+            if !new {
+                tracing::warn!(request_id = %c.request_id, "request charged already; the ledger keeps its first charge");
+            }
+        }
+        self.queue.sub(batch.len());
     }
 }
 
@@ -651,4 +863,85 @@ async fn reload(db: &Db, accounts: &Accounts, account_id: &str) -> Result<(), Bi
         s.loaded = Some(Instant::now());
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Billing, Books, Price, Settings, Usage};
+    use super::*;
+
+    /// `verify` on SQLite checks what SQLite keeps: memory, not reservation rows.
+    #[tokio::test]
+    async fn verify_catches_memory_that_drifts_from_the_open_holds() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        let background = crate::tasks::Background::new();
+        let b = Billing::for_gateway(db, Settings::default(), None, &background)
+            .await
+            .unwrap();
+        let a = crate::accounts::create(&b, "drift").await.unwrap();
+        crate::accounts::credit(&b, &a.id, Credits(1_000_000), "t")
+            .await
+            .unwrap();
+        let hold = b
+            .reserve(&a.id, "k", "r1", "m", Credits(1_000), Price::default())
+            .await
+            .unwrap();
+        assert!(
+            b.verify(&a.id).await.unwrap(),
+            "an open hold is accounted for"
+        );
+        let Books::Owned(owned) = &b.inner.books else {
+            panic!("SQLite is owned by the gateway");
+        };
+        // What memory holds for the account is not the sum of its open holds.
+        owned.accounts.with(&a.id, |s| s.reserved += 1);
+        assert!(!b.verify(&a.id).await.unwrap());
+        owned.accounts.with(&a.id, |s| s.reserved -= 1);
+        // A place under the bound that neither a hold nor a waiting charge takes.
+        owned.queue.add(1);
+        assert!(!b.verify(&a.id).await.unwrap());
+        owned.queue.sub(1);
+        // A charge the balance in memory counts but the ledger never got.
+        owned.accounts.with(&a.id, |s| s.unmoved += 5);
+        assert!(!b.verify(&a.id).await.unwrap());
+        owned.accounts.with(&a.id, |s| s.unmoved -= 5);
+        assert!(b.verify(&a.id).await.unwrap());
+        assert_eq!(hold.settle(Usage::default()).await.unwrap(), Credits(0));
+        assert!(b.verify(&a.id).await.unwrap());
+        assert_eq!(owned.queue.pending.load(Ordering::SeqCst), 0);
+    }
+
+    /// Past `max_pending_charges` (waiting charges plus open holds), a reservation is refused
+    /// before anything is held; a released hold gives its place back.
+    #[tokio::test]
+    async fn the_bound_counts_waiting_charges_and_open_holds() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        let background = crate::tasks::Background::new();
+        let settings = Settings {
+            max_pending_charges: 2,
+            ..Settings::default()
+        };
+        let b = Billing::for_gateway(db, settings, None, &background)
+            .await
+            .unwrap();
+        let a = crate::accounts::create(&b, "bound").await.unwrap();
+        crate::accounts::credit(&b, &a.id, Credits(1_000_000), "t")
+            .await
+            .unwrap();
+        let reserve =
+            |r: &'static str| b.reserve(&a.id, "k", r, "m", Credits(10), Price::default());
+        let one = reserve("r1").await.unwrap();
+        let two = reserve("r2").await.unwrap();
+        assert!(matches!(
+            reserve("r3").await,
+            Err(BillingError::Backlog { pending: 2, .. })
+        ));
+        two.release().await;
+        let three = reserve("r3").await.unwrap();
+        drop(three);
+        one.settle(Usage::default()).await.unwrap();
+        b.flush().await.unwrap();
+        assert!(b.verify(&a.id).await.unwrap());
+        assert_eq!(b.balance(&a.id).await.unwrap().reserved, Credits(0));
+    }
 }

@@ -181,6 +181,9 @@ pub struct ModerationConfig {
 pub struct BillingConfig {
     pub default_max_output_tokens: u64,
     pub reservation_ttl: Duration,
+    /// SQLite: the most charges a gateway holds that are not in the ledger yet, counting the
+    /// requests in flight that may add one; past it, billed requests get a 503.
+    pub max_pending_charges: usize,
 }
 
 #[derive(Debug, Clone)]

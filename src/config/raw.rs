@@ -116,6 +116,8 @@ struct RawBilling {
     default_max_output_tokens: u64,
     #[serde(default = "default_hold_ttl")]
     reservation_ttl: String,
+    #[serde(default = "default_max_pending_charges")]
+    max_pending_charges: usize,
 }
 
 impl Default for RawBilling {
@@ -123,8 +125,13 @@ impl Default for RawBilling {
         Self {
             default_max_output_tokens: default_max_output(),
             reservation_ttl: default_hold_ttl(),
+            max_pending_charges: default_max_pending_charges(),
         }
     }
+}
+
+fn default_max_pending_charges() -> usize {
+    100_000
 }
 
 fn default_max_output() -> u64 {
@@ -412,6 +419,9 @@ impl RawConfig {
         if self.upstream.max_event_bytes == 0 {
             problems.push("upstream.max_event_bytes: must be above 0".into());
         }
+        if self.billing.max_pending_charges == 0 {
+            problems.push("billing.max_pending_charges: must be above 0".into());
+        }
         let db_url = self.database.url.clone();
         if !(db_url.starts_with("sqlite:")
             || db_url.starts_with("postgres:")
@@ -453,6 +463,7 @@ impl RawConfig {
             billing: BillingConfig {
                 default_max_output_tokens: self.billing.default_max_output_tokens,
                 reservation_ttl,
+                max_pending_charges: self.billing.max_pending_charges,
             },
             moderation: ModerationConfig {
                 policies_dir: PathBuf::from(self.moderation.policies_dir),

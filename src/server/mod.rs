@@ -231,7 +231,7 @@ async fn balance(State(st): State<SharedState>, headers: HeaderMap) -> Response 
             "balance": a.balance_usd,
             "balance_picodollars": a.balance,
             "reserved_picodollars": a.reserved,
-            "available": crate::billing::Credits(a.balance - a.reserved).to_string(),
+            "available": crate::billing::Credits(a.balance.saturating_sub(a.reserved)).to_string(),
         }))
     }
     .await;

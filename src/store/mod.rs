@@ -138,6 +138,12 @@ CREATE INDEX ledger_account ON ledger(account_id, created_at);
             ],
         },
     ),
+    // What a charge took beyond its reservation (usage is charged in full): the part of a
+    // balance below zero that no forced debit explains.
+    (
+        3,
+        Migration::Portable("ALTER TABLE ledger ADD COLUMN overrun BIGINT NOT NULL DEFAULT 0"),
+    ),
 ];
 
 /// Milliseconds since the Unix epoch.

@@ -51,7 +51,10 @@ fn money_path(c: &mut Criterion) {
         let db = Db::connect(&url).await.unwrap();
         let billing = Billing::for_gateway(
             db.clone(),
-            Duration::from_secs(900),
+            tollgate::billing::Settings {
+                reservation_ttl: Duration::from_secs(900),
+                ..Default::default()
+            },
             None,
             &tollgate::tasks::Background::new(),
         )

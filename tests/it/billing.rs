@@ -1,7 +1,11 @@
 //! Keys and money end to end, each on SQLite and on PostgreSQL: statuses and bodies of bad keys,
 //! concurrent requests that can never overdraw (and on PostgreSQL with two gateway processes),
-//! failures that cost nothing, streams charged once, a `kill -9` that loses and doubles nothing;
-//! and on SQLite a charge journal left by a crash moved into the ledger once.
+//! failures that cost nothing, streams charged once, usage beyond the reservation charged in
+//! full (the account then refused until topped up), `kill -9` mid-stream and at random points of
+//! a streamed load that loses and doubles nothing; on PostgreSQL a stream that outlives the
+//! reservation lifetime (its lease renewed) and a settle after a sweep, both charged once; on
+//! SQLite a charge journal left by a crash moved into the ledger once, and a ledger that cannot
+//! be written refusing billed requests past `billing.max_pending_charges`.
 
 #![allow(
     clippy::unwrap_used,
@@ -643,25 +647,22 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing(store: Store) {
         .to_string();
     let (mut gw, base) = spawn_gateway(&config);
     let client = reqwest::Client::new();
-    // Completed requests: charged.
+    // Completed requests: charged, each under its request id.
+    let mut completed = Vec::new();
     for _ in 0..5 {
-        assert_eq!(
-            post(&client, &base, &key, "paid-up", false).await.status(),
-            200
-        );
+        let r = post(&client, &base, &key, "paid-up", false).await;
+        assert_eq!(r.status(), 200);
+        completed.push(request_id(&r));
     }
-    assert!(
-        post(&client, &base, &key, "paid-up", true)
-            .await
-            .text()
-            .await
-            .unwrap()
-            .contains("[DONE]")
-    );
+    let r = post(&client, &base, &key, "paid-up", true).await;
+    completed.push(request_id(&r));
+    assert!(r.text().await.unwrap().contains("[DONE]"));
     // Streams in the middle: reserved, not charged.
     let mut open = Vec::new();
+    let mut interrupted = Vec::new();
     for _ in 0..4 {
         let r = post(&client, &base, &key, "paid-slow", true).await;
+        interrupted.push(request_id(&r));
         let mut s = r.bytes_stream();
         s.next().await.unwrap().unwrap();
         open.push(s);
@@ -678,12 +679,16 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing(store: Store) {
     if let Store::Postgres = store {
         tokio::time::sleep(ttl + Duration::from_millis(500)).await;
     }
-    let (_gw2, _base2) = spawn_gateway(&config);
-    let account = cli(&config, &["credits", "show", "victim"]);
+    let (_gw2, base2) = spawn_gateway(&config);
+    // What the new gateway reports: nothing held (on SQLite its memory, on PostgreSQL the rows),
+    // and a balance that is the sum of the ledger.
+    let after = get_json(&client, &format!("{base2}/v1/balance"), &key).await;
     assert_eq!(
-        account["reserved"], 0,
-        "no reservation stays open after a restart"
+        after["reserved_picodollars"], 0,
+        "no reservation stays open after a restart: {after}"
     );
+    let account = cli(&config, &["credits", "show", "victim"]);
+    assert_eq!(account["reserved"], 0, "no reservation row stays open");
     let ledger = cli(
         &config,
         &[
@@ -696,13 +701,203 @@ async fn kill_minus_nine_mid_stream_loses_and_doubles_nothing(store: Store) {
         ],
     );
     let entries = ledger.as_array().unwrap();
-    assert_eq!(
-        entries.iter().filter(|e| e["kind"] == "charge").count(),
-        6,
-        "every committed charge, once"
-    );
     let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
     assert_eq!(sum, account["balance"].as_i64().unwrap());
+    assert_eq!(after["balance_picodollars"], sum, "{after}");
+    let charges = charges_by_request(entries);
+    for id in &completed {
+        assert_eq!(
+            charges.get(id.as_str()).map(Vec::len),
+            Some(1),
+            "a completed request is charged once: {id}"
+        );
+    }
+    for id in &interrupted {
+        assert!(
+            !charges.contains_key(id.as_str()),
+            "an interrupted stream is not charged: {id}"
+        );
+    }
+    assert_eq!(charges.len(), completed.len(), "nothing else is charged");
+}
+
+/// The gateway's request id of a response.
+fn request_id(r: &reqwest::Response) -> String {
+    r.headers()["x-request-id"].to_str().unwrap().to_string()
+}
+
+/// The charges of a ledger listing (JSON entries), by request id.
+fn charges_by_request(entries: &[serde_json::Value]) -> std::collections::HashMap<&str, Vec<i64>> {
+    let mut charges: std::collections::HashMap<&str, Vec<i64>> = std::collections::HashMap::new();
+    for e in entries.iter().filter(|e| e["kind"] == "charge") {
+        charges
+            .entry(e["request_id"].as_str().unwrap())
+            .or_default()
+            .push(e["amount"].as_i64().unwrap());
+    }
+    charges
+}
+
+on_both_stores!(
+    kill_minus_nine_at_random_points_of_a_billed_stream_load_loses_and_doubles_nothing,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn kill_minus_nine_at_random_points_of_a_billed_stream_load_loses_and_doubles_nothing(
+    store: Store,
+) {
+    use rand::Rng as _;
+    use std::collections::{HashMap, HashSet};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const ROUNDS: usize = 5;
+    const CLIENTS: usize = 8;
+    let up = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = database_url(store, dir.path(), "chaos.db").await;
+    let config = process_config(dir.path(), &url, &up.base_url());
+    let ttl = Duration::from_secs(2);
+    if let Store::Postgres = store {
+        let mut yaml = std::fs::read_to_string(&config).unwrap();
+        yaml.push_str("billing: { reservation_ttl: 2s }\n");
+        std::fs::write(&config, yaml).unwrap();
+    }
+    cli(&config, &["accounts", "create", "chaos"]);
+    cli(&config, &["credits", "add", "chaos", "100"]);
+    let key = cli(
+        &config,
+        &["keys", "create", "--account", "chaos", "--name", "k"],
+    )["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    // Over every run: the request ids clients got headers for (answered or in flight), how many
+    // requests were in flight without them (a kill before the headers reached the client; the
+    // gateway may have charged one: its id is unknown here), and the cost each stream that
+    // reached `[DONE]` reported.
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut unnamed = 0;
+    let mut completed: HashMap<String, i64> = HashMap::new();
+    let mut delays = Vec::new();
+    // The checks after a restart: every charge once, only of requests that were sent, every
+    // completed stream charged what it reported, the balance the sum of the ledger.
+    let check = |seen: &HashSet<String>,
+                 unnamed: usize,
+                 completed: &HashMap<String, i64>,
+                 delays: &[u64]| {
+        let account = cli(&config, &["credits", "show", "chaos"]);
+        let ledger = cli(
+            &config,
+            &[
+                "credits",
+                "ledger",
+                "--account",
+                "chaos",
+                "--limit",
+                "1000000",
+            ],
+        );
+        let entries = ledger.as_array().unwrap();
+        let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
+        assert_eq!(
+            sum,
+            account["balance"].as_i64().unwrap(),
+            "the balance is the sum of the ledger (kills after {delays:?} ms)"
+        );
+        let charges = charges_by_request(entries);
+        for (id, amounts) in &charges {
+            assert_eq!(
+                amounts.len(),
+                1,
+                "{id} charged twice (kills after {delays:?} ms)"
+            );
+        }
+        let unknown = charges.keys().filter(|id| !seen.contains(**id)).count();
+        assert!(
+            unknown <= unnamed,
+            "{unknown} charges of requests never sent ({unnamed} were in flight unnamed; kills after {delays:?} ms)"
+        );
+        for (id, cost) in completed {
+            assert_eq!(
+                charges.get(id.as_str()),
+                Some(&vec![-cost]),
+                "{id} reached [DONE] with its cost and must be charged that once (kills after {delays:?} ms)"
+            );
+        }
+        charges.len()
+    };
+    for round in 0..ROUNDS {
+        let (mut gw, base) = spawn_gateway(&config);
+        if round > 0 {
+            // A restart after a kill: nothing lost, nothing doubled.
+            check(&seen, unnamed, &completed, &delays);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        for _ in 0..CLIENTS {
+            let (client, base, key, stop) =
+                (client.clone(), base.clone(), key.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                let (mut sent, mut done, mut unnamed) = (Vec::new(), Vec::new(), 0);
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok(r) = client
+                        .post(format!("{base}/v1/chat/completions"))
+                        .bearer_auth(&key)
+                        .json(&serde_json::json!({"model": "paid-up", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+                        .send()
+                        .await
+                    else {
+                        unnamed = 1;
+                        break;
+                    };
+                    assert_eq!(r.status(), 200);
+                    let id = request_id(&r);
+                    sent.push(id.clone());
+                    let Ok(text) = r.text().await else { break };
+                    if !text.ends_with("data: [DONE]\n\n") {
+                        break;
+                    }
+                    let cost = sse_data(&text)
+                        .iter()
+                        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                        .find_map(|v| v["usage"]["cost_picodollars"].as_i64())
+                        .unwrap();
+                    done.push((id, cost));
+                }
+                (sent, done, unnamed)
+            }));
+        }
+        let delay = rand::thread_rng().gen_range(20..400);
+        delays.push(delay);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        gw.0.kill().unwrap(); // SIGKILL, wherever the load is
+        gw.0.wait().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        for w in workers {
+            let (sent, done, lost) = w.await.unwrap();
+            seen.extend(sent);
+            unnamed += lost;
+            completed.extend(done);
+        }
+    }
+    if let Store::Postgres = store {
+        // The killed gateway renews no lease: its rows expire and the next start releases them.
+        tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    }
+    let (_gw, base) = spawn_gateway(&config);
+    let charged = check(&seen, unnamed, &completed, &delays);
+    assert!(
+        !completed.is_empty() && charged >= completed.len(),
+        "the load completed streams ({} of {} sent; kills after {delays:?} ms)",
+        completed.len(),
+        seen.len()
+    );
+    let after = get_json(&client, &format!("{base}/v1/balance"), &key).await;
+    assert_eq!(after["reserved_picodollars"], 0, "{after}");
+    let account = cli(&config, &["credits", "show", "chaos"]);
+    assert_eq!(account["reserved"], 0);
 }
 
 on_both_stores!(the_admin_api_manages_accounts_credits_keys_and_reads_the_ledger);
@@ -895,7 +1090,10 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
     let db = tollgate::store::Db::connect(&url).await.unwrap();
     let b = Billing::for_gateway(
         db,
-        Duration::from_secs(60),
+        tollgate::billing::Settings {
+            reservation_ttl: Duration::from_secs(60),
+            ..Default::default()
+        },
         None,
         &tollgate::tasks::Background::new(),
     )
@@ -989,6 +1187,7 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
         request_id: format!("req-{i}"),
         model: "m".into(),
         cost: Credits(1_000 * i),
+        overrun: Credits(0),
         prompt_tokens: i,
         completion_tokens: 2 * i,
         images: 0,
@@ -1008,7 +1207,10 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     let db = tollgate::store::Db::connect(&url).await.unwrap();
     let b = Billing::for_gateway(
         db,
-        Duration::from_secs(60),
+        tollgate::billing::Settings {
+            reservation_ttl: Duration::from_secs(60),
+            ..Default::default()
+        },
         None,
         &tollgate::tasks::Background::new(),
     )
@@ -1033,7 +1235,10 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
     let db = tollgate::store::Db::connect(&url).await.unwrap();
     let b = Billing::for_gateway(
         db,
-        Duration::from_secs(60),
+        tollgate::billing::Settings {
+            reservation_ttl: Duration::from_secs(60),
+            ..Default::default()
+        },
         None,
         &tollgate::tasks::Background::new(),
     )
@@ -1523,4 +1728,273 @@ async fn the_cli_debits_and_refuses_credits_past_the_maximum(store: Store) {
     );
     let listed = cli(&config, &["accounts", "list"]);
     assert_eq!(listed[0]["balance_usd"], "-1.000000000000");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage beyond the reservation, leases that outlive the reservation lifetime, and the bound on
+// charges waiting for the ledger.
+// ---------------------------------------------------------------------------------------------
+
+on_both_stores!(
+    usage_beyond_the_reservation_is_charged_in_full_and_the_account_refused_until_topped_up
+);
+async fn usage_beyond_the_reservation_is_charged_in_full_and_the_account_refused_until_topped_up(
+    store: Store,
+) {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway(&up, store).await;
+    let b = billing(&gw);
+    // `max_tokens: 1`: the reservation covers the prompt bound and one output token; the
+    // upstream reports 19 tokens in and 10 out (tests/fixtures/openai/chat.json).
+    let body = r#"{"model":"paid-up","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
+    let bound = tollgate::pipeline::money::prompt_tokens_bound(body);
+    let estimate = i64::try_from(bound).unwrap() * 1000 + 2000;
+    let cost = 19 * 1000 + 10 * 2000;
+    assert!(
+        estimate < cost,
+        "the reservation ({estimate}) is below the usage ({cost})"
+    );
+    // The balance covers the estimate and nothing more.
+    let (account, key) =
+        funded_key(b, "overrun", &Credits(estimate).to_string(), key_named("k")).await;
+    let send = || {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.public))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let answer: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(answer["usage"]["cost_picodollars"], cost, "{answer}");
+    // The ledger has the usage in full, and says how much went beyond the reservation.
+    let lines = b.ledger(None, Some(&id), 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].amount, -cost);
+    assert_eq!(lines[0].overrun, cost - estimate);
+    let a = accounts::get(b, &account).await.unwrap();
+    assert_eq!(a.balance, estimate - cost, "below zero by the overrun");
+    assert_eq!(a.reserved, 0);
+    assert!(
+        b.verify(&account).await.unwrap(),
+        "a balance below zero by an overrun is consistent"
+    );
+    // Counted for the operator.
+    let metrics = gw.metrics().await;
+    let over = format!(
+        "tollgate_billing_overrun_picodollars_total{{model=\"paid-up\"}} {}",
+        cost - estimate
+    );
+    assert!(metrics.contains(&over), "{over} in:\n{metrics}");
+    assert!(metrics.contains("tollgate_billing_overruns_total{model=\"paid-up\"} 1"));
+    // The account is refused until it is topped up.
+    let hits = up.hits();
+    assert_openai_error(send().await.unwrap(), 402, "insufficient_quota").await;
+    assert_eq!(up.hits(), hits, "a refused request reaches no upstream");
+    accounts::credit(b, &account, Credits::parse_usd("1").unwrap(), "top-up")
+        .await
+        .unwrap();
+    assert_eq!(send().await.unwrap().status(), 200);
+    settle_down(b, &account).await;
+    assert_eq!(
+        accounts::get(b, &account).await.unwrap().balance,
+        estimate + Credits::parse_usd("1").unwrap().0 - 2 * cost
+    );
+}
+
+/// A gateway on `store` with `extra` appended to its config (top-level YAML).
+async fn billed_gateway_with(up: &MockUpstream, store: Store, extra: &str) -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let models = format!(
+        "{}  - {{ name: paid-finish, channel: mock, upstream_model: slow-finish, price: {{ input_per_token: 1000, output_per_token: 2000 }} }}\n",
+        paid_models()
+    );
+    let yaml = config_yaml(Some(&up.base_url()), "", "", &plugins)
+        .replace("models:\n", &format!("models:\n{models}"))
+        + extra;
+    let yaml = on_store(yaml, store).await;
+    TestGateway::start_yaml(&yaml, dir).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_stream_that_outlives_the_reservation_ttl_keeps_its_lease_and_is_charged_once() {
+    let up = MockUpstream::start().await;
+    let ttl = Duration::from_secs(2);
+    let gw = billed_gateway_with(&up, Store::Postgres, "billing:\n  reservation_ttl: 2s\n").await;
+    let b = billing(&gw);
+    let (account, key) = funded_key(b, "long", "1", key_named("k")).await;
+    // Four seconds of events: twice the reservation's lifetime.
+    let r = chat_with(&gw, &key, "paid-finish", true).await;
+    assert_eq!(r.status(), 200);
+    let id = request_id(&r);
+    let reading = tokio::spawn(async move { r.text().await.unwrap() });
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    // Past the first lifetime: the gateway's sweeper (every second here) and this sweep find
+    // nothing to release, since the live request renewed its lease.
+    assert_eq!(
+        b.reconcile(false).await.unwrap(),
+        0,
+        "a live request is not swept"
+    );
+    let (open,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM reservations WHERE account_id = $1 AND state = 'open'",
+    )
+    .bind(&account)
+    .fetch_one(&b.db().pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 1, "the reservation is still open");
+    let text = reading.await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let reported = sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .find_map(|v| v["usage"]["cost_picodollars"].as_i64())
+        .unwrap();
+    assert_eq!(reported, 9 * 1000 + 2 * 2000);
+    let lines = b.ledger(None, Some(&id), 10).await.unwrap();
+    assert_eq!(lines.len(), 1, "charged exactly once");
+    assert_eq!(lines[0].amount, -reported);
+    assert_eq!(lines[0].overrun, 0, "its reservation was held to the end");
+    settle_down(b, &account).await;
+}
+
+#[tokio::test]
+async fn postgres_a_settle_after_its_reservation_was_swept_still_charges_once() {
+    use tollgate::billing::{Price, Usage};
+    let db = tollgate::store::Db::connect(&postgres_url().await)
+        .await
+        .unwrap();
+    let b = Billing::new(db, Duration::from_secs(60), None);
+    let a = accounts::create(&b, "swept").await.unwrap();
+    let start = Credits::parse_usd("1").unwrap();
+    accounts::credit(&b, &a.id, start, "t").await.unwrap();
+    let price = Price {
+        output_per_token: 1_000,
+        ..Price::default()
+    };
+    let hold = b
+        .reserve(&a.id, "key", "req-swept", "m", Credits(5_000), price)
+        .await
+        .unwrap();
+    // A second hold under the same request id: the request is still charged once.
+    let twin = b
+        .reserve(&a.id, "key", "req-swept", "m", Credits(5_000), price)
+        .await
+        .unwrap();
+    // The first lease runs out (its gateway stalled past it) and the sweeper releases it.
+    sqlx::query("UPDATE reservations SET expires_at = 0 WHERE id = $1")
+        .bind(&hold.id)
+        .execute(&b.db().pool)
+        .await
+        .unwrap();
+    assert_eq!(b.reconcile(false).await.unwrap(), 1);
+    assert_eq!(accounts::get(&b, &a.id).await.unwrap().reserved, 5_000);
+    // The request ends: its usage is charged all the same, and nothing is given back twice.
+    let usage = Usage {
+        completion_tokens: 7,
+        ..Usage::default()
+    };
+    assert_eq!(hold.settle(usage).await.unwrap(), Credits(7_000));
+    assert_eq!(twin.settle(usage).await.unwrap(), Credits(0));
+    let lines = b.ledger(None, Some("req-swept"), 10).await.unwrap();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].amount, -7_000);
+    assert_eq!(lines[0].overrun, 7_000, "nothing held it any more");
+    let after = accounts::get(&b, &a.id).await.unwrap();
+    assert_eq!((after.balance, after.reserved), (start.0 - 7_000, 0));
+    assert!(b.verify(&a.id).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_ledger_that_cannot_be_written_refuses_past_the_bound_then_charges_each_once() {
+    let up = MockUpstream::start().await;
+    let gw = billed_gateway_with(&up, Store::Sqlite, "billing:\n  max_pending_charges: 3\n").await;
+    let b = billing(&gw);
+    let (account, key) = funded_key(b, "backlog", "1", key_named("k")).await;
+    let cost = 19 * 1000 + 10 * 2000;
+    assert_eq!(chat_with(&gw, &key, "paid-up", false).await.status(), 200);
+    b.flush().await.unwrap();
+    // The ledger cannot be written (as when the database is down): charges wait in the journal.
+    sqlx::query("ALTER TABLE ledger RENAME TO ledger_unwritable")
+        .execute(&b.db().pool)
+        .await
+        .unwrap();
+    let mut served = Vec::new();
+    let refused = loop {
+        let r = chat_with(&gw, &key, "paid-up", false).await;
+        if r.status() != 200 {
+            break r;
+        }
+        served.push(request_id(&r));
+        assert!(
+            served.len() <= 3,
+            "past the bound, billed requests are refused"
+        );
+    };
+    assert_eq!(served.len(), 3, "up to the bound, requests are served");
+    let hits = up.hits();
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=5).contains(&retry), "Retry-After: {retry}");
+    let refused_id = request_id(&refused);
+    assert_openai_error(refused, 503, "billing_backlog").await;
+    assert_eq!(
+        chat_with(&gw, &key, "paid-up", false).await.status(),
+        503,
+        "and stay refused while the ledger is down"
+    );
+    assert_eq!(up.hits(), hits, "a refused request reaches no upstream");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tollgate_billing_backlog_refusals_total{model=\"paid-up\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_open_reservations 0"),
+        "nothing is held"
+    );
+    // Every served charge is durable in the journal meanwhile.
+    let journal = std::fs::read_to_string(tollgate::billing::owned::journal_path(
+        &gw.dir.path().join("tollgate.db"),
+    ))
+    .unwrap();
+    for id in &served {
+        assert_eq!(
+            journal.matches(id.as_str()).count(),
+            1,
+            "{id} journaled once"
+        );
+    }
+    // The ledger comes back: everything is charged once, the refused requests not at all.
+    sqlx::query("ALTER TABLE ledger_unwritable RENAME TO ledger")
+        .execute(&b.db().pool)
+        .await
+        .unwrap();
+    b.flush().await.unwrap();
+    for id in &served {
+        let lines = b.ledger(None, Some(id), 10).await.unwrap();
+        assert_eq!(lines.len(), 1, "{id} charged once");
+        assert_eq!(lines[0].amount, -cost);
+    }
+    assert!(
+        b.ledger(None, Some(&refused_id), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    settle_down(b, &account).await;
+    assert_eq!(
+        accounts::get(b, &account).await.unwrap().balance,
+        Credits::parse_usd("1").unwrap().0 - 4 * cost
+    );
+    assert_eq!(chat_with(&gw, &key, "paid-up", false).await.status(), 200);
 }

@@ -22,6 +22,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt as _;
 
 /// Where the build put every plugin component (bundled ones and test guests).
 pub fn artifact(name: &str) -> PathBuf {
@@ -43,7 +44,8 @@ pub fn fixture(path: &str) -> String {
 
 /// What the mock does for `/v1/chat/completions`, chosen per request by the `model` field.
 /// Models: `ok`, `stream` (or any with `"stream": true`), `fail500`, `hang`, `malformed`,
-/// `truncated`, `slow-stream` (one chunk, then waits for the client to go away), `ratelimit`.
+/// `truncated`, `slow-stream` (one chunk, then waits for the client to go away), `slow-finish`
+/// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]: four seconds), `ratelimit`.
 #[derive(Default)]
 pub struct MockState {
     pub hits: AtomicUsize,
@@ -373,6 +375,20 @@ async fn mock_chat(
             });
             sse(Body::from_stream(s))
         }
+        "slow-finish" => {
+            let events: Vec<String> = fixture("openai/chat_stream.sse")
+                .split("\n\n")
+                .filter(|e| !e.trim().is_empty())
+                .map(|e| format!("{e}\n\n"))
+                .collect();
+            let s = futures::stream::iter(events.into_iter().enumerate()).then(|(i, e)| async move {
+                if i > 0 {
+                    tokio::time::sleep(SLOW_FINISH_PAUSE).await;
+                }
+                Ok::<_, std::io::Error>(Bytes::from(e))
+            });
+            sse(Body::from_stream(s))
+        }
         _ if stream => sse(Body::from(fixture("openai/chat_stream.sse"))),
         _ => (
             StatusCode::OK,
@@ -382,6 +398,10 @@ async fn mock_chat(
             .into_response(),
     }
 }
+
+/// The pause between two events of the mock's `slow-finish` stream (below the test gateways'
+/// `upstream.stream_idle_timeout` of 2 s).
+pub const SLOW_FINISH_PAUSE: Duration = Duration::from_millis(800);
 
 fn sse(body: Body) -> Response {
     Response::builder()

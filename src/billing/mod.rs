@@ -31,21 +31,23 @@
 //! the metrics, and hands out [`Hold`]s. A [`Hold`] that is dropped without `settle` releases
 //! itself.
 
+mod hold;
 pub mod ledger;
 pub mod owned;
 pub mod shared;
+mod units;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::metrics::Metrics;
 use crate::store::{Backend, Db, StoreError, now_ms};
 
+pub use hold::Hold;
 pub use ledger::{Adjustment, Charge, LedgerEntry, Refusal};
+pub use units::{Credits, MAX_BALANCE, PICO_PER_USD, Price, Usage};
 
 /// How a gateway's billing is set up (from `billing.*` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,114 +74,6 @@ impl From<&crate::config::BillingConfig> for Settings {
             reservation_ttl: c.reservation_ttl,
             max_pending_charges: c.max_pending_charges,
         }
-    }
-}
-
-/// An amount of money in pico-dollars (1e-12 USD).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(transparent)]
-pub struct Credits(pub i64);
-
-pub const PICO_PER_USD: i64 = 1_000_000_000_000;
-
-/// The largest balance an account can hold (and, negated, the lowest a forced debit can leave):
-/// `i64::MAX` pico-dollars, 9223372.036854775807 USD. Credits that would pass it are refused.
-pub const MAX_BALANCE: Credits = Credits(i64::MAX);
-
-impl Credits {
-    /// Parse a decimal dollar amount ("12.50", "0.000001") exactly; at most 12 decimals.
-    pub fn parse_usd(text: &str) -> Option<Self> {
-        let t = text.trim().trim_start_matches('$');
-        let (neg, t) = match t.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, t),
-        };
-        let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
-        if whole.is_empty() && frac.is_empty() {
-            return None;
-        }
-        if !whole.bytes().all(|b| b.is_ascii_digit())
-            || !frac.bytes().all(|b| b.is_ascii_digit())
-            || frac.len() > 12
-        {
-            return None;
-        }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().ok()?
-        };
-        let mut frac_val: i64 = if frac.is_empty() {
-            0
-        } else {
-            frac.parse().ok()?
-        };
-        for _ in frac.len()..12 {
-            frac_val = frac_val.checked_mul(10)?;
-        }
-        let v = whole.checked_mul(PICO_PER_USD)?.checked_add(frac_val)?;
-        Some(Self(if neg { -v } else { v }))
-    }
-}
-
-impl fmt::Display for Credits {
-    /// Dollars with 12 decimals, from integers only: `1.500000000000`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let abs = self.0.unsigned_abs();
-        let per = PICO_PER_USD.unsigned_abs();
-        write!(f, "{sign}{}.{:012}", abs / per, abs % per)
-    }
-}
-
-/// Prices of a model, in pico-dollars.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    #[serde(default)]
-    pub input_per_token: u64,
-    #[serde(default)]
-    pub output_per_token: u64,
-    #[serde(default)]
-    pub per_image: u64,
-    #[serde(default)]
-    pub per_second: u64,
-    #[serde(default)]
-    pub per_request: u64,
-}
-
-/// What a request consumed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub images: u64,
-    pub seconds: u64,
-}
-
-impl Price {
-    /// The cost of a usage, saturating (a saturated cost can never be reserved, so it is refused).
-    pub fn cost(&self, u: &Usage) -> Credits {
-        let parts = [
-            u.prompt_tokens.saturating_mul(self.input_per_token),
-            u.completion_tokens.saturating_mul(self.output_per_token),
-            u.images.saturating_mul(self.per_image),
-            u.seconds.saturating_mul(self.per_second),
-            self.per_request,
-        ];
-        let total = parts.iter().fold(0u64, |a, b| a.saturating_add(*b));
-        Credits(i64::try_from(total).unwrap_or(i64::MAX))
     }
 }
 
@@ -386,31 +280,6 @@ struct Inner {
     /// Where a dropped hold's release and lease renewals run (tracked, so a shutdown waits for
     /// them).
     background: crate::tasks::Background,
-}
-
-/// A reservation. `settle` charges; dropping it unsettled releases it. On PostgreSQL it keeps
-/// its row's lease renewed while it lives.
-pub struct Hold {
-    billing: Billing,
-    pub id: String,
-    pub account_id: String,
-    pub key_id: String,
-    pub request_id: String,
-    pub model: String,
-    pub amount: Credits,
-    pub price: Price,
-    done: bool,
-    /// Stops the lease renewal when the hold goes (settled, released or dropped).
-    _lease: Option<tokio_util::sync::DropGuard>,
-}
-
-impl fmt::Debug for Hold {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hold")
-            .field("id", &self.id)
-            .field("amount", &self.amount)
-            .finish()
-    }
 }
 
 impl Billing {
@@ -631,102 +500,6 @@ impl Billing {
         self.flush().await?;
         let id = ledger::account_id(&self.inner.db, account).await?;
         Ok(ledger::verify(&self.inner.db, &id).await? && self.inner.books.verify_memory(&id))
-    }
-}
-
-impl Hold {
-    /// Charge the actual cost in full, close the reservation, append the ledger entry. Exactly
-    /// once per request. A cost above the reservation is charged too (the balance may go below
-    /// zero by that overrun, and the account gets a 402 until topped up) and counted; so is one
-    /// whose reservation the sweeper released first (it counts wholly as overrun).
-    pub async fn settle(mut self, usage: Usage) -> Result<Credits, BillingError> {
-        self.done = true;
-        let charge = self.charge(self.price.cost(&usage), &usage);
-        let billing = &self.billing;
-        let settled = billing.inner.books.settle(&self, charge).await?;
-        if settled.closed {
-            billing.open_reservations(-1);
-        }
-        let Some(charged) = settled.charged else {
-            return Ok(Credits(0));
-        };
-        if let Some(m) = &billing.inner.metrics {
-            m.spend(
-                &self.model,
-                charged.cost.0,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            );
-            if charged.overrun.0 > 0 {
-                m.overrun(&self.model, charged.overrun.0);
-            }
-        }
-        if charged.overrun.0 > 0 {
-            tracing::info!(
-                request_id = %self.request_id,
-                reserved = self.amount.0,
-                cost = charged.cost.0,
-                "usage cost more than the reservation; charged in full"
-            );
-        }
-        Ok(charged.cost)
-    }
-
-    /// The ledger charge of `cost`, with the part beyond the reservation.
-    fn charge(&self, cost: Credits, usage: &Usage) -> Charge {
-        Charge {
-            id: ulid::Ulid::new().to_string(),
-            account_id: self.account_id.clone(),
-            key_id: self.key_id.clone(),
-            request_id: self.request_id.clone(),
-            model: self.model.clone(),
-            cost,
-            overrun: Credits(cost.0.saturating_sub(self.amount.0).max(0)),
-            prompt_tokens: i64::try_from(usage.prompt_tokens).unwrap_or(i64::MAX),
-            completion_tokens: i64::try_from(usage.completion_tokens).unwrap_or(i64::MAX),
-            images: i64::try_from(usage.images).unwrap_or(i64::MAX),
-            seconds: i64::try_from(usage.seconds).unwrap_or(i64::MAX),
-            created_at: now_ms(),
-        }
-    }
-
-    /// Release now, waiting for it (the normal failure path).
-    pub async fn release(mut self) {
-        self.done = true;
-        self.billing.release(&self).await;
-    }
-}
-
-impl Drop for Hold {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        // A failure, timeout or disconnect dropped the hold: release it, in the background
-        // unless it is in memory. If the process dies first, `reconcile` releases it at the next
-        // start (or once expired).
-        let billing = self.billing.clone();
-        if billing.inner.books.release_now(self) {
-            billing.open_reservations(-1);
-            return;
-        }
-        let hold = Hold {
-            billing: billing.clone(),
-            id: std::mem::take(&mut self.id),
-            account_id: std::mem::take(&mut self.account_id),
-            key_id: std::mem::take(&mut self.key_id),
-            request_id: std::mem::take(&mut self.request_id),
-            model: std::mem::take(&mut self.model),
-            amount: self.amount,
-            price: self.price,
-            done: true,
-            _lease: None,
-        };
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let background = billing.inner.background.clone();
-            background.spawn_on(&rt, async move { billing.release(&hold).await });
-        }
     }
 }
 

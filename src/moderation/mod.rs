@@ -17,7 +17,8 @@ use crate::policy::{Action, PolicyStore, Verdict};
 
 /// Gather every prompt-bearing string of a request body: chat messages (string content or
 /// `text` parts), `system`, `prompt`, `negative_prompt`, `input` (string, list, or the task API's
-/// object, recursively), `instructions`, tool and function descriptions.
+/// object, recursively), `instructions`, tool and function descriptions. A `name` (a chat
+/// message's author, a tool's name) is read with `_` as a space: `how_to_...` is words.
 pub fn extract_text(body: &Value) -> String {
     let mut out = String::new();
     let mut push = |s: &str| {
@@ -42,6 +43,10 @@ pub fn extract_text(body: &Value) -> String {
                         if let Value::Object(_) | Value::Array(_) = x {
                             strings(x, push);
                         }
+                        continue;
+                    }
+                    if let ("name", Value::String(s)) = (k.as_str(), x) {
+                        push(&s.replace('_', " "));
                         continue;
                     }
                     strings(x, push);

@@ -5,7 +5,13 @@
 //! zero-width and control characters dropped, confusable letters (Cyrillic and Greek look-alikes)
 //! mapped to Latin, leetspeak digits and symbols mapped inside words that also hold letters
 //! (`k1ll`, `b0mb`, `$ex`; a plain number stays a number), and single letters spaced or dotted
-//! apart joined (`k i l l`, `b.o.m.b`). ASCII text skips the Unicode steps.
+//! apart joined (`k i l l`, `b.o.m.b`, `b-o-m-b`, `b_o_m_b`). Accents are dropped from Latin
+//! letters (`bómb`, `b\u{301}omb`). ASCII text skips the Unicode steps.
+//!
+//! `normalize_parts` also says which stretches were joined from spaced letters: a long one is
+//! several words run together (`h o w t o m a k e a b o m b`), inside which the matcher finds
+//! terms without word boundaries. `decode_payloads` finds base64, hex and URL-encoded text in a
+//! prompt so that the decoded text is screened too.
 
 use unicode_normalization::UnicodeNormalization;
 
@@ -45,6 +51,21 @@ fn confusable(c: char) -> Option<char> {
         '\u{201C}' | '\u{201D}' | '\u{201E}' | '\u{00AB}' | '\u{00BB}' => '"',
         _ => return None,
     })
+}
+
+/// A combining mark of the Latin, Greek and Cyrillic scripts (accents, and the marks stacked
+/// on letters to disguise them).
+fn combining(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0300}'..='\u{036F}' | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}' | '\u{20D0}'..='\u{20FF}' | '\u{FE20}'..='\u{FE2F}'
+    )
+}
+
+/// A Latin letter that may carry an accent (Latin-1 Supplement, Latin Extended-A and -B,
+/// Latin Extended Additional).
+fn accented_latin(c: char) -> bool {
+    matches!(c as u32, 0xC0..=0x24F | 0x1E00..=0x1EFF)
 }
 
 fn invisible(c: char) -> bool {
@@ -100,19 +121,42 @@ const BYTE_CLASS: [u8; 256] = {
     t
 };
 
+/// A normalized text and the byte ranges of it that were joined from spaced letters.
+#[derive(Debug, Default)]
+pub struct Normalized {
+    pub text: String,
+    pub joined: Vec<(usize, usize)>,
+}
+
 /// Normalize a text for screening.
 pub fn normalize(text: &str) -> String {
+    normalize_parts(text).text
+}
+
+/// Normalize a text for screening, and say which stretches were joined from spaced letters.
+pub fn normalize_parts(text: &str) -> Normalized {
     if text.is_ascii() {
         return normalize_ascii(text);
     }
     let mut folded = String::with_capacity(text.len());
-    for c in text.nfkc() {
-        if invisible(c) {
-            continue;
-        }
+    let push = |c: char, folded: &mut String| {
         for l in c.to_lowercase() {
             folded.push(confusable(l).unwrap_or(l));
         }
+    };
+    for c in text.nfkc() {
+        if invisible(c) || combining(c) {
+            continue;
+        }
+        if accented_latin(c) {
+            unicode_normalization::char::decompose_canonical(c, |d| {
+                if !combining(d) {
+                    push(d, &mut folded);
+                }
+            });
+            continue;
+        }
+        push(c, &mut folded);
     }
     join_spaced(unleet(folded))
 }
@@ -120,7 +164,7 @@ pub fn normalize(text: &str) -> String {
 /// Plain ASCII: one look at every byte says which steps can change anything; the usual prompt
 /// (no control bytes, no digits or leetspeak symbols, no spaced letters) is lowercased in one
 /// copy and the other steps are skipped.
-fn normalize_ascii(text: &str) -> String {
+fn normalize_ascii(text: &str) -> Normalized {
     let class = text
         .bytes()
         .fold(0u8, |acc, b| acc | BYTE_CLASS[usize::from(b)])
@@ -187,11 +231,15 @@ fn unleet(text: String) -> String {
 }
 
 /// Join runs of three or more single letters separated by one space, dot, dash or underscore.
-fn join_spaced(text: String) -> String {
+fn join_spaced(text: String) -> Normalized {
     // Fast path: no single letter between separators followed by another one.
     if !has_spaced_run(text.as_bytes()) {
-        return text;
+        return Normalized {
+            text,
+            joined: Vec::new(),
+        };
     }
+    let mut joined = Vec::new();
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut i = 0;
@@ -216,10 +264,11 @@ fn join_spaced(text: String) -> String {
                 if matches!(letters[0], 'a' | 'i') && letters.len() >= 4 {
                     out.push(letters[0]);
                     out.push(' ');
-                    out.extend(&letters[1..]);
-                } else {
-                    out.extend(letters);
+                    letters.remove(0);
                 }
+                let start = out.len();
+                out.extend(letters);
+                joined.push((start, out.len()));
                 i = j + 1;
                 continue;
             }
@@ -227,7 +276,7 @@ fn join_spaced(text: String) -> String {
         out.push(chars[i]);
         i += 1;
     }
-    out
+    Normalized { text: out, joined }
 }
 
 /// Whether some ASCII letter stands alone and another lone letter follows two bytes later; a
@@ -260,6 +309,123 @@ fn has_spaced_run(b: &[u8]) -> bool {
     len == 1 && class(b.len() - 1) & ALPHA != 0 && alone(b.len() - 1)
 }
 
+/// The shortest run of base64 or hex characters that is decoded (shorter runs are words).
+const MIN_ENCODED: usize = 20;
+/// How much of one run is decoded, how many runs, and how much decoded text is kept in all.
+const MAX_RUN: usize = 16 * 1024;
+const MAX_RUNS: usize = 16;
+const MAX_DECODED: usize = 16 * 1024;
+
+/// A base64 (standard or URL-safe) or hex character.
+fn encoded_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+}
+
+/// Whether decoded bytes read as text: valid UTF-8, no control characters but line breaks and
+/// tabs, and mostly letters and spaces (random bytes, images and compressed data are not).
+fn reads_as_text(bytes: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(bytes).ok()?;
+    let (mut n, mut plain) = (0usize, 0usize);
+    for c in s.chars() {
+        if c.is_control() && !matches!(c, '\n' | '\t' | '\r') {
+            return None;
+        }
+        n += 1;
+        plain += usize::from(c.is_alphabetic() || c == ' ');
+    }
+    (n >= 8 && plain * 10 >= n * 7 && s.contains(' ')).then(|| s.to_string())
+}
+
+/// One run of base64 or hex characters decoded, if it decodes to text.
+fn decode_run(run: &str) -> Option<String> {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let run = &run[..run.len().min(MAX_RUN)];
+    if run.len().is_multiple_of(2) && run.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return hex::decode(run).ok().and_then(|b| reads_as_text(&b));
+    }
+    let body = run.trim_end_matches('=');
+    // A stray last character cannot be base64; drop it.
+    let body = &body[..body.len() - usize::from(body.len() % 4 == 1)];
+    let config = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true);
+    let alphabet = if body.bytes().any(|b| matches!(b, b'-' | b'_')) {
+        &base64::alphabet::URL_SAFE
+    } else {
+        &base64::alphabet::STANDARD
+    };
+    let bytes = GeneralPurpose::new(alphabet, config).decode(body).ok()?;
+    reads_as_text(&bytes)
+}
+
+/// URL-encoding decoded (`%41` and `+` for a space), when the text holds three escapes or more.
+fn decode_url(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let escape = |i: usize| {
+        b[i] == b'%'
+            && b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
+    };
+    if (0..b.len()).filter(|i| escape(*i)).take(3).count() < 3 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len().min(MAX_DECODED));
+    let mut i = 0;
+    while i < b.len() && out.len() < MAX_DECODED {
+        if escape(i) {
+            let hi = char::from(b[i + 1]).to_digit(16).unwrap_or(0);
+            let lo = char::from(b[i + 2]).to_digit(16).unwrap_or(0);
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The text hidden in a prompt as base64, hex or URL-encoding, decoded (one level), to be
+/// screened with the prompt. Bounded: only runs of `MIN_ENCODED` characters or more, at most
+/// `MAX_RUNS` of them, each cut to `MAX_RUN`, and `MAX_DECODED` bytes of decoded text in all.
+/// `None` when nothing decodes to text.
+pub fn decode_payloads(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let b = text.as_bytes();
+    let (mut i, mut runs) = (0usize, 0usize);
+    while i < b.len() && runs < MAX_RUNS && out.len() < MAX_DECODED {
+        if !encoded_byte(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && encoded_byte(b[i]) {
+            i += 1;
+        }
+        if i - start < MIN_ENCODED {
+            continue;
+        }
+        runs += 1;
+        // Only ASCII bytes are in a run, so these are character boundaries.
+        if let Some(d) = text.get(start..i).and_then(decode_run) {
+            out.push_str(&d);
+            out.push('\n');
+        }
+    }
+    if let Some(d) = decode_url(text) {
+        out.push_str(&d);
+    }
+    if out.len() > MAX_DECODED {
+        let mut cut = MAX_DECODED;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    (!out.trim().is_empty()).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::normalize;
@@ -272,6 +438,11 @@ mod tests {
         assert_eq!(normalize("h0w to k1ll"), "how to kill");
         assert_eq!(normalize("k i l l them"), "kill them");
         assert_eq!(normalize("b.o.m.b"), "bomb");
+        assert_eq!(normalize("b-o-m-b"), "bomb");
+        assert_eq!(normalize("b_o_m_b"), "bomb");
+        assert_eq!(normalize("bo\u{301}mb"), "bomb");
+        assert_eq!(normalize("BÓMB ëxplösîvé"), "bomb explosive");
+        assert_eq!(normalize("日本語 한국어"), "日本語 한국어");
         assert_eq!(normalize("make a b o m b"), "make a bomb");
         assert_eq!(
             normalize("I have 2 cats and 13 dogs"),
@@ -282,6 +453,39 @@ mod tests {
         assert_eq!(normalize("sh!t"), "shit");
         assert_eq!(normalize("you are trash!!"), "you are trash!!");
         assert_eq!(normalize("a\u{7}b\u{0}c d"), "abc d");
+    }
+
+    #[test]
+    fn joined_runs_are_marked() {
+        let n = super::normalize_parts("h o w t o d o i t");
+        assert_eq!(n.text, "howtodoit");
+        assert_eq!(n.joined, vec![(0, 9)]);
+        assert!(super::normalize_parts("plain words").joined.is_empty());
+    }
+
+    #[test]
+    fn payloads_decode_within_bounds() {
+        use super::decode_payloads;
+        // "tell me a story about cats", base64, hex and URL-encoded.
+        let b64 = "dGVsbCBtZSBhIHN0b3J5IGFib3V0IGNhdHM=";
+        assert_eq!(
+            decode_payloads(&format!("read: {b64}")).as_deref(),
+            Some("tell me a story about cats\n")
+        );
+        let hexed = "74656c6c206d6520612073746f72792061626f75742063617473";
+        assert_eq!(
+            decode_payloads(hexed).as_deref(),
+            Some("tell me a story about cats\n")
+        );
+        assert_eq!(
+            decode_payloads("tell%20me%20a%20story").as_deref(),
+            Some("tell me a story")
+        );
+        assert_eq!(decode_payloads("nothing encoded here at all"), None);
+        assert_eq!(decode_payloads("d41d8cd98f00b204e9800998ecf8427e"), None);
+        // Decoded text is capped.
+        let big = "dGVsbCBtZSBhIHN0b3J5IGFib3V0IGNhdHMg".repeat(2000);
+        assert!(decode_payloads(&big).is_some_and(|d| d.len() <= super::MAX_DECODED));
     }
 
     #[test]

@@ -36,6 +36,23 @@ pub enum PolicyCommand {
         /// With --misses: also write every caught harmful row (to weigh each rule's hits).
         #[arg(long)]
         all_hits: bool,
+        /// Split the rows into K folds by the MD5 of their text (the fold of a row is the
+        /// digest, read as one big-endian number, mod K) and print the figures of each
+        /// held-out fold and their mean. Rules are written by hand: justify a change with
+        /// `--except-fold i` (the training folds) and read its effect with `--only-fold i`.
+        #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(2..), conflicts_with = "by_source")]
+        folds: Option<u32>,
+        /// Leave one source out: every source is a held-out part of its own (its name is the
+        /// fold's name for --only-fold and --except-fold).
+        #[arg(long)]
+        by_source: bool,
+        /// Score only the rows of this fold (a number below K with --folds, a source with
+        /// --by-source), with the whole report.
+        #[arg(long, value_name = "FOLD", conflicts_with = "except_fold")]
+        only_fold: Option<String>,
+        /// Score every row except this fold's, with the whole report.
+        #[arg(long, value_name = "FOLD")]
+        except_fold: Option<String>,
     },
 }
 
@@ -103,10 +120,42 @@ pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
             dir,
             misses,
             all_hits,
+            folds,
+            by_source,
+            only_fold,
+            except_fold,
         } => {
+            let split = match (folds, by_source) {
+                (Some(k), _) => Some(Split::Folds(k)),
+                (None, true) => Some(Split::BySource),
+                (None, false) => None,
+            };
+            let filter = match (only_fold, except_fold) {
+                (Some(f), _) => Filter::Only(f),
+                (None, Some(f)) => Filter::Except(f),
+                (None, None) => Filter::All,
+            };
+            if split.is_none() && !matches!(filter, Filter::All) {
+                anyhow::bail!("--only-fold and --except-fold need --folds K or --by-source");
+            }
+            if let (Some(Split::Folds(k)), Filter::Only(f) | Filter::Except(f)) = (split, &filter)
+                && f.parse::<u32>().map_or(true, |i| i >= k)
+            {
+                anyhow::bail!("with --folds {k}, a fold is a number from 0 to {}", k - 1);
+            }
             let c = load(dir.as_deref().unwrap_or(default_dir))?;
             let set = set.unwrap_or_else(|| c.default_set.clone());
-            eval(&c, &file, &set, misses.as_deref(), all_hits)?;
+            eval(
+                &c,
+                &EvalArgs {
+                    file: &file,
+                    set: &set,
+                    misses: misses.as_deref(),
+                    all_hits,
+                    split,
+                    filter,
+                },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -133,6 +182,77 @@ const SEVERE: &[&str] = &[
     "jailbreak_injection",
 ];
 
+/// How `policy eval` splits the rows into held-out parts.
+#[derive(Clone, Copy)]
+enum Split {
+    /// K folds by the MD5 of the text.
+    Folds(u32),
+    /// One part per source.
+    BySource,
+}
+
+/// Which rows of the split `policy eval` scores.
+enum Filter {
+    All,
+    Only(String),
+    Except(String),
+}
+
+/// The held-out part a row belongs to.
+fn fold_of(split: Split, text: &str, source: &str) -> String {
+    match split {
+        Split::Folds(k) => {
+            let n = u128::from_be_bytes(md5(text.as_bytes())) % u128::from(k.max(1));
+            n.to_string()
+        }
+        Split::BySource => source.to_string(),
+    }
+}
+
+/// MD5 (RFC 1321) of a text: only to split rows into folds reproducibly (the fold of a row is
+/// `int(hashlib.md5(text).hexdigest(), 16) % K` in Python); not for anything secret.
+fn md5(data: &[u8]) -> [u8; 16] {
+    const SHIFT: [u32; 16] = [7, 12, 17, 22, 5, 9, 14, 20, 4, 11, 16, 23, 6, 10, 15, 21];
+    let k: Vec<u32> = (1..=64u32)
+        .map(|i| (f64::from(i).sin().abs() * 4_294_967_296.0) as u32)
+        .collect();
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend((data.len() as u64).wrapping_mul(8).to_le_bytes());
+    let mut h: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+    for chunk in msg.chunks_exact(64) {
+        let m: Vec<u32> = chunk
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        let [mut a, mut b, mut c, mut d] = h;
+        for (i, ki) in k.iter().enumerate() {
+            let (f, g) = match i / 16 {
+                0 => ((b & c) | (!b & d), i),
+                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
+                2 => (b ^ c ^ d, (3 * i + 5) % 16),
+                _ => (c ^ (b | !d), (7 * i) % 16),
+            };
+            let f = f.wrapping_add(a).wrapping_add(*ki).wrapping_add(m[g]);
+            a = d;
+            d = c;
+            c = b;
+            b = b.wrapping_add(f.rotate_left(SHIFT[(i / 16) * 4 + i % 4]));
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 16];
+    for (o, x) in out.chunks_exact_mut(4).zip(h) {
+        o.copy_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
 #[derive(Default)]
 struct Count {
     tp: u64,
@@ -148,28 +268,259 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-fn eval(
-    c: &Compiled,
-    file: &Path,
-    set: &str,
-    misses: Option<&Path>,
+/// A source's (harmful, caught, benign, benign blocked) rows.
+type SourceCounts = (u64, u64, u64, u64);
+
+/// The figures of a set of rows.
+#[derive(Default)]
+struct Tally {
+    rows: u64,
+    harmful: u64,
+    caught: u64,
+    i2p: u64,
+    i2p_caught: u64,
+    benign: u64,
+    benign_blocked: u64,
+    /// Severe category → (rows, blocked), i2p_hard apart.
+    severe: std::collections::BTreeMap<&'static str, (u64, u64)>,
+    per_cat: std::collections::BTreeMap<String, Count>,
+    per_source: std::collections::BTreeMap<String, SourceCounts>,
+}
+
+impl Tally {
+    fn add(
+        &mut self,
+        categories: &[String],
+        source: &str,
+        labels: &[String],
+        blocked: bool,
+        cats: &std::collections::BTreeSet<String>,
+    ) {
+        self.rows += 1;
+        let is_benign = labels.iter().all(|l| l == "benign");
+        let entry = self.per_source.entry(source.to_string()).or_default();
+        if is_benign {
+            self.benign += 1;
+            entry.2 += 1;
+            if blocked {
+                self.benign_blocked += 1;
+                entry.3 += 1;
+            }
+        } else if source == "i2p_hard" {
+            self.i2p += 1;
+            self.i2p_caught += u64::from(blocked);
+        } else {
+            self.harmful += 1;
+            self.caught += u64::from(blocked);
+            entry.0 += 1;
+            entry.1 += u64::from(blocked);
+        }
+        for cat in categories {
+            let labelled = labels.iter().any(|l| l == cat);
+            let predicted = cats.contains(cat);
+            let e = self.per_cat.entry(cat.clone()).or_default();
+            match (labelled, predicted) {
+                (true, true) => e.tp += 1,
+                (false, true) => e.fp += 1,
+                (true, false) => e.fn_ += 1,
+                _ => {}
+            }
+        }
+        if source != "i2p_hard" {
+            for s in SEVERE {
+                if labels.iter().any(|l| l == s) {
+                    let e = self.severe.entry(s).or_default();
+                    e.0 += 1;
+                    e.1 += u64::from(blocked);
+                }
+            }
+        }
+    }
+
+    fn recall(&self) -> f64 {
+        ratio(self.caught, self.harmful)
+    }
+
+    fn fpr(&self) -> f64 {
+        ratio(self.benign_blocked, self.benign)
+    }
+
+    fn severe_recall(&self, s: &str) -> f64 {
+        self.severe.get(s).map_or(f64::NAN, |(n, k)| ratio(*k, *n))
+    }
+
+    /// The whole report of one set of rows.
+    fn print(&self, set: &str) {
+        say(&format!("set: {set}; rows: {}", self.rows));
+        say(&format!(
+            "harmful recall (any block, i2p_hard apart): {:.3} ({}/{})",
+            self.recall(),
+            self.caught,
+            self.harmful
+        ));
+        say(&format!(
+            "i2p_hard recall: {:.3} ({}/{})",
+            ratio(self.i2p_caught, self.i2p),
+            self.i2p_caught,
+            self.i2p
+        ));
+        say(&format!(
+            "benign blocked (FPR): {:.3} ({}/{})",
+            self.fpr(),
+            self.benign_blocked,
+            self.benign
+        ));
+        say("\nsevere categories (recall, any block):");
+        for (s, (n, k)) in &self.severe {
+            say(&format!("  {s:<22} {:.3} ({k}/{n})", ratio(*k, *n)));
+        }
+        say("\nper category (block on that category):");
+        say("  category               precision  recall  f1");
+        for (cat, e) in &self.per_cat {
+            let p = ratio(e.tp, e.tp + e.fp);
+            let r = ratio(e.tp, e.tp + e.fn_);
+            let f1 = if p + r > 0.0 {
+                2.0 * p * r / (p + r)
+            } else {
+                f64::NAN
+            };
+            say(&format!("  {cat:<22} {p:>9.3}  {r:>6.3}  {f1:.3}"));
+        }
+        say("\nper source (harmful recall; benign FPR):");
+        for (src, (h, k, b, fl)) in &self.per_source {
+            say(&format!(
+                "  {src:<40} recall {:>6.3} ({k}/{h})   fpr {:>6.3} ({fl}/{b})",
+                ratio(*k, *h),
+                ratio(*fl, *b)
+            ));
+        }
+    }
+}
+
+/// The mean of the defined figures ("-" when none is).
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = xs.filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn fmt3(x: f64) -> String {
+    if x.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// One line per held-out part (its recall, i2p recall, benign FPR and each severe category's
+/// recall), their mean; with folds, per source the same figures per fold and their mean.
+fn print_folds(parts: &[(String, Tally)], split: Split, set: &str) {
+    let rows: u64 = parts.iter().map(|p| p.1.rows).sum();
+    let how = match split {
+        Split::Folds(k) => format!("{k} folds by the md5 of the text"),
+        Split::BySource => "leave one source out".to_string(),
+    };
+    say(&format!(
+        "set: {set}; rows: {rows}; held-out parts: {how}; figures on each held-out part"
+    ));
+    let w = parts
+        .iter()
+        .map(|p| p.0.len())
+        .chain([8])
+        .max()
+        .unwrap_or(8);
+    let short = [
+        "csam", "traffick", "terror", "self_hrm", "malware", "jailbrk",
+    ];
+    let mut head = format!(
+        "{:<w$} {:>6} {:>7} {:>7} {:>7}",
+        "held-out", "rows", "recall", "i2p", "FPR"
+    );
+    for s in short {
+        head.push_str(&format!(" {s:>8}"));
+    }
+    say(&head);
+    let line = |name: &str, rows: String, f: [f64; 3], sev: Vec<f64>| {
+        let mut l = format!(
+            "{name:<w$} {rows:>6} {:>7} {:>7} {:>7}",
+            fmt3(f[0]),
+            fmt3(f[1]),
+            fmt3(f[2])
+        );
+        for x in sev {
+            l.push_str(&format!(" {:>8}", fmt3(x)));
+        }
+        l
+    };
+    for (name, t) in parts {
+        say(&line(
+            name,
+            t.rows.to_string(),
+            [t.recall(), ratio(t.i2p_caught, t.i2p), t.fpr()],
+            SEVERE.iter().map(|s| t.severe_recall(s)).collect(),
+        ));
+    }
+    say(&line(
+        "mean",
+        String::new(),
+        [
+            mean(parts.iter().map(|p| p.1.recall())),
+            mean(parts.iter().map(|p| ratio(p.1.i2p_caught, p.1.i2p))),
+            mean(parts.iter().map(|p| p.1.fpr())),
+        ],
+        SEVERE
+            .iter()
+            .map(|s| mean(parts.iter().map(|p| p.1.severe_recall(s))))
+            .collect(),
+    ));
+    if let Split::Folds(_) = split {
+        let mut sources: Vec<&String> = parts.iter().flat_map(|p| p.1.per_source.keys()).collect();
+        sources.sort();
+        sources.dedup();
+        say("\nper source, each held-out fold then the mean: harmful recall | benign FPR");
+        for src in sources {
+            let fig = |pick: fn(&SourceCounts) -> f64| -> Vec<f64> {
+                parts
+                    .iter()
+                    .map(|p| p.1.per_source.get(src).map_or(f64::NAN, pick))
+                    .collect()
+            };
+            let rec = fig(|e| ratio(e.1, e.0));
+            let fpr = fig(|e| ratio(e.3, e.2));
+            let cells = |v: &[f64]| {
+                let mut s: Vec<String> = v.iter().map(|x| format!("{:>5}", fmt3(*x))).collect();
+                s.push(format!("{:>5}", fmt3(mean(v.iter().copied()))));
+                s.join(" ")
+            };
+            say(&format!("  {src:<40} {} | {}", cells(&rec), cells(&fpr)));
+        }
+    }
+}
+
+/// What `policy eval` was asked for, after its flags are checked.
+struct EvalArgs<'a> {
+    file: &'a Path,
+    set: &'a str,
+    misses: Option<&'a Path>,
     all_hits: bool,
-) -> anyhow::Result<()> {
+    split: Option<Split>,
+    filter: Filter,
+}
+
+fn eval(c: &Compiled, a: &EvalArgs<'_>) -> anyhow::Result<()> {
     use std::io::Write;
-    let f = std::fs::File::open(file)?;
-    let mut misses = match misses {
+    let f = std::fs::File::open(a.file)?;
+    let mut misses = match a.misses {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
         None => None,
     };
-    let mut per_cat: std::collections::BTreeMap<String, Count> = Default::default();
-    let mut per_source: std::collections::BTreeMap<String, (u64, u64, u64, u64)> =
-        Default::default(); // harmful, caught, benign, flagged
-    let (mut harmful, mut caught, mut i2p, mut i2p_caught) = (0u64, 0u64, 0u64, 0u64);
-    let (mut benign, mut benign_blocked) = (0u64, 0u64);
-    let mut severe: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    let mut whole = Tally::default();
+    let mut parts: std::collections::BTreeMap<String, Tally> = Default::default();
     let mut bytes = 0usize;
     let mut elapsed = std::time::Duration::ZERO;
-    let mut rows = 0u64;
     for line in std::io::BufReader::new(f).lines() {
         let line = line?;
         if line.trim().is_empty() {
@@ -178,6 +529,15 @@ fn eval(
         let row: serde_json::Value = serde_json::from_str(&line)?;
         let text = row["text"].as_str().unwrap_or_default();
         let source = row["source"].as_str().unwrap_or("unknown").to_string();
+        let fold = a.split.map(|s| fold_of(s, text, &source));
+        let keep = match (&a.filter, &fold) {
+            (Filter::Only(x), Some(f)) => x == f,
+            (Filter::Except(x), Some(f)) => x != f,
+            _ => true,
+        };
+        if !keep {
+            continue;
+        }
         let labels: Vec<String> = row["labels"]
             .as_array()
             .map(|a| {
@@ -187,10 +547,9 @@ fn eval(
             })
             .unwrap_or_default();
         let t = std::time::Instant::now();
-        let v = c.screen(text, set);
+        let v = c.screen(text, a.set);
         elapsed += t.elapsed();
         bytes += text.len();
-        rows += 1;
         let blocked = v.action == Action::Block;
         let cats: std::collections::BTreeSet<String> = v
             .hits
@@ -200,7 +559,7 @@ fn eval(
             .collect();
         let is_benign = labels.iter().all(|l| l == "benign");
         if let Some(w) = misses.as_mut()
-            && (is_benign == blocked || (blocked && all_hits))
+            && (is_benign == blocked || (blocked && a.all_hits))
         {
             let hits: Vec<String> = v
                 .hits
@@ -213,86 +572,59 @@ fn eval(
                 serde_json::json!({"kind": if !blocked { "missed" } else if is_benign { "false_block" } else { "caught" }, "labels": labels, "source": source, "hits": hits, "text": text})
             )?;
         }
-        let entry = per_source.entry(source.clone()).or_default();
-        if is_benign {
-            benign += 1;
-            entry.2 += 1;
-            if blocked {
-                benign_blocked += 1;
-                entry.3 += 1;
-            }
-        } else if source == "i2p_hard" {
-            i2p += 1;
-            i2p_caught += u64::from(blocked);
-        } else {
-            harmful += 1;
-            caught += u64::from(blocked);
-            entry.0 += 1;
-            entry.1 += u64::from(blocked);
-        }
-        for cat in &c.categories {
-            let labelled = labels.iter().any(|l| l == cat);
-            let predicted = cats.contains(cat);
-            let e = per_cat.entry(cat.clone()).or_default();
-            match (labelled, predicted) {
-                (true, true) => e.tp += 1,
-                (false, true) => e.fp += 1,
-                (true, false) => e.fn_ += 1,
-                _ => {}
-            }
-        }
-        if source != "i2p_hard" {
-            for s in SEVERE {
-                if labels.iter().any(|l| l == s) {
-                    let e = severe.entry(s).or_default();
-                    e.0 += 1;
-                    e.1 += u64::from(blocked);
-                }
-            }
+        whole.add(&c.categories, &source, &labels, blocked, &cats);
+        if let (Some(f), Filter::All) = (fold, &a.filter) {
+            parts
+                .entry(f)
+                .or_default()
+                .add(&c.categories, &source, &labels, blocked, &cats);
         }
     }
-    say(&format!("set: {set}; rows: {rows}"));
-    say(&format!(
-        "harmful recall (any block, i2p_hard apart): {:.3} ({caught}/{harmful})",
-        ratio(caught, harmful)
-    ));
-    say(&format!(
-        "i2p_hard recall: {:.3} ({i2p_caught}/{i2p})",
-        ratio(i2p_caught, i2p)
-    ));
-    say(&format!(
-        "benign blocked (FPR): {:.3} ({benign_blocked}/{benign})",
-        ratio(benign_blocked, benign)
-    ));
-    say("\nsevere categories (recall, any block):");
-    for (s, (n, k)) in &severe {
-        say(&format!("  {s:<22} {:.3} ({k}/{n})", ratio(*k, *n)));
-    }
-    say("\nper category (block on that category):");
-    say("  category               precision  recall  f1");
-    for (cat, e) in &per_cat {
-        let p = ratio(e.tp, e.tp + e.fp);
-        let r = ratio(e.tp, e.tp + e.fn_);
-        let f1 = if p + r > 0.0 {
-            2.0 * p * r / (p + r)
-        } else {
-            f64::NAN
-        };
-        say(&format!("  {cat:<22} {p:>9.3}  {r:>6.3}  {f1:.3}"));
-    }
-    say("\nper source (harmful recall; benign FPR):");
-    for (src, (h, k, b, fl)) in &per_source {
-        say(&format!(
-            "  {src:<40} recall {:>6.3} ({k}/{h})   fpr {:>6.3} ({fl}/{b})",
-            ratio(*k, *h),
-            ratio(*fl, *b)
-        ));
+    match (a.split, &a.filter) {
+        (Some(split), Filter::All) => {
+            let mut parts: Vec<(String, Tally)> = parts.into_iter().collect();
+            // Folds in number order (a source's name is its own order).
+            parts.sort_by_key(|p| (p.0.parse::<u64>().unwrap_or(u64::MAX), p.0.clone()));
+            print_folds(&parts, split, a.set);
+        }
+        _ => whole.print(a.set),
     }
     let secs = elapsed.as_secs_f64();
     say(&format!(
         "\nthroughput: {:.1} MB/s, {:.0} prompts/s (one core, screening only)",
         bytes as f64 / secs / 1e6,
-        rows as f64 / secs
+        whole.rows as f64 / secs
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Split, fold_of, md5};
+
+    fn hex(d: [u8; 16]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn md5_matches_the_reference_vectors() {
+        assert_eq!(hex(md5(b"")), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(hex(md5(b"abc")), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            hex(md5(b"The quick brown fox jumps over the lazy dog")),
+            "9e107d9d372bb6826bd81d3542a419d6"
+        );
+        let long = "1234567890".repeat(8);
+        assert_eq!(
+            hex(md5(long.as_bytes())),
+            "57edf4a22be3c955ac49da2e2107b67a"
+        );
+    }
+
+    #[test]
+    fn a_row_keeps_its_fold() {
+        // int("900150983cd24fb0d6963f7d28e17f72", 16) % 5 == 0
+        assert_eq!(fold_of(Split::Folds(5), "abc", "s"), "0");
+        assert_eq!(fold_of(Split::BySource, "abc", "s"), "s");
+    }
 }

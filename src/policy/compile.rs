@@ -15,6 +15,9 @@ use super::{Action, Compiled, PolicyError, literals};
 use crate::moderation::normalize::normalize;
 use Seg::{Index, Key};
 
+/// The shortest one-word term that `split_words` also matches split in two.
+const SPLIT_MIN: usize = 7;
+
 /// What a term in the automaton belongs to.
 #[derive(Debug, Clone)]
 pub(super) enum TermUse {
@@ -25,11 +28,28 @@ pub(super) enum TermUse {
         rule: usize,
         group: usize,
     },
-    /// A benign phrase of a category: a hit of that category inside it, or starting within
-    /// `EXCEPTION_REACH` words after it ("debunk the claim that ..."), does not count.
+    /// A benign phrase of a category: a hit of that category overlapping it, or starting
+    /// within `EXCEPTION_REACH` words after it in its clause ("debunk the claim that ..."),
+    /// does not count. A negation (not of a keyword) or a self-reference covers only hits
+    /// within two words after it, unless it is part of a term itself; a denouncing phrase
+    /// covers hits before it in its sentence.
     Exception {
         category: usize,
+        kind: ExceptionKind,
     },
+}
+
+/// Which hits an exception phrase covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ExceptionKind {
+    /// Exceptions: a hit overlapping it or a few words after it.
+    Phrase,
+    /// Negations: a pattern or co-occurrence hit starting within two words after it.
+    Negation,
+    /// Self-reference: a hit starting within two words after it.
+    SelfReference,
+    /// Denouncing phrases: a hit a few words before it.
+    Denouncing,
 }
 
 #[derive(Debug)]
@@ -82,18 +102,26 @@ impl Compiled {
         let mut examples = Vec::new();
         let mut add_term = |raw: &str,
                             use_: TermUse,
+                            split: bool,
                             term_list: &mut Vec<String>,
                             term_uses: &mut Vec<Vec<TermUse>>| {
             let t = normalize(raw.trim());
             if t.is_empty() {
                 return;
             }
-            let i = *term_map.entry(t.clone()).or_insert_with(|| {
-                term_list.push(t);
-                term_uses.push(Vec::new());
-                term_list.len() - 1
-            });
-            term_uses[i].push(use_);
+            let mut forms = vec![t.clone()];
+            if split && t.len() >= SPLIT_MIN && t.bytes().all(|b| b.is_ascii_lowercase()) {
+                // "explosive" → "ex plosive", "exp losive", ... (each piece two letters or more).
+                forms.extend((2..=t.len() - 2).map(|k| format!("{} {}", &t[..k], &t[k..])));
+            }
+            for f in forms {
+                let i = *term_map.entry(f.clone()).or_insert_with(|| {
+                    term_list.push(f);
+                    term_uses.push(Vec::new());
+                    term_list.len() - 1
+                });
+                term_uses[i].push(use_.clone());
+            }
         };
         // Each rule id, with the file and the index of the rule that took it first.
         let mut ids: BTreeMap<String, (Rc<Source>, usize)> = BTreeMap::new();
@@ -158,6 +186,7 @@ impl Compiled {
                     add_term(
                         k,
                         TermUse::Keyword { rule: idx },
+                        file.split_words,
                         &mut term_list,
                         &mut term_uses,
                     );
@@ -203,6 +232,7 @@ impl Compiled {
                                     rule: idx,
                                     group: g,
                                 },
+                                file.split_words,
                                 &mut term_list,
                                 &mut term_uses,
                             );
@@ -219,13 +249,25 @@ impl Compiled {
                 });
             }
             let cat_idx = categories.len() - 1;
-            for e in &file.exceptions {
-                add_term(
-                    e,
-                    TermUse::Exception { category: cat_idx },
-                    &mut term_list,
-                    &mut term_uses,
-                );
+            let kinds = [
+                (&file.exceptions, ExceptionKind::Phrase),
+                (&file.negations, ExceptionKind::Negation),
+                (&file.self_reference, ExceptionKind::SelfReference),
+                (&file.denouncing, ExceptionKind::Denouncing),
+            ];
+            for (list, kind) in kinds {
+                for e in list {
+                    add_term(
+                        e,
+                        TermUse::Exception {
+                            category: cat_idx,
+                            kind,
+                        },
+                        false,
+                        &mut term_list,
+                        &mut term_uses,
+                    );
+                }
             }
             examples.push((src, file.category, file.examples));
         }

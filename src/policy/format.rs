@@ -26,10 +26,29 @@ pub(super) struct CategoryFile {
     pub rules: Vec<RuleFile>,
     #[serde(default)]
     pub exceptions: Vec<String>,
+    /// Negating words ("not", "never", "aren't"): a pattern or co-occurrence hit that starts
+    /// within two words after one, in the same clause, is negated ("X are not vermin"), not
+    /// asserted. A keyword (a slur) is still a hit, and so is a term that holds the negation
+    /// itself ("not human", "never hire").
+    #[serde(default)]
+    pub negations: Vec<String>,
+    /// The speaker naming themselves or their own group ("we are", "I'm a proud"): a hit
+    /// within two words after one, in the same clause, is a reclaimed term, not an attack
+    /// (unless the phrase is part of a term itself).
+    #[serde(default)]
+    pub self_reference: Vec<String>,
+    /// Phrases that denounce what came before them in the same sentence ("... has to stop",
+    /// "... is a slur"): a hit up to twelve words before one is quoted or reported, not used.
+    #[serde(default)]
+    pub denouncing: Vec<String>,
     /// A hit inside double quotes, in a text that also says something outside them, is a
     /// mention ("saying 'X' is bigoted"), not a use.
     #[serde(default)]
     pub quoted_mentions_pass: bool,
+    /// Also match each one-word keyword or co-occurrence term of seven letters or more split
+    /// in two by a space ("ex plosive"), as people split a word to slip past a list.
+    #[serde(default)]
+    pub split_words: bool,
     #[serde(default)]
     pub examples: Examples,
 }

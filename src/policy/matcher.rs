@@ -1,16 +1,48 @@
 //! Screening a text against `Compiled`: one pass of the term automaton over the normalized
 //! text finds keyword hits, co-occurrence terms, exceptions and the gates of the patterns; then
 //! the gated patterns run, exceptions and quoted mentions cover hits, co-occurrence windows are
-//! counted in words, and the set gives each hit its action and the text its `Verdict`.
+//! counted in words, and the set gives each hit its action and the text its `Verdict`. The text
+//! screened is the prompt and whatever it hides as base64, hex or URL-encoding, decoded.
 
 use std::collections::BTreeMap;
 
-use super::compile::{Rule, TermUse};
+use super::compile::{ExceptionKind, Rule, TermUse};
 use super::{Action, Compiled, Hit, Verdict};
-use crate::moderation::normalize::normalize;
+use crate::moderation::normalize::{Normalized, decode_payloads, normalize_parts};
 
-/// How many words after an exception phrase it still covers.
+/// How many words after an exception phrase it still covers (within its clause).
 const EXCEPTION_REACH: u32 = 6;
+/// How many words after a negation it covers ("not a burden"; not "why don't we just get rid
+/// of X", where the negation governs something else).
+const NEGATION_REACH: u32 = 2;
+/// How many words after a self-reference it covers ("we are proud X", not "we are going to
+/// gas X").
+const SELF_REFERENCE_REACH: u32 = 2;
+/// How many words before a denouncing phrase it covers (within its sentence).
+const DENOUNCING_REACH: u32 = 12;
+
+/// A joined stretch of spaced letters this long is words run together: terms match inside it
+/// without word boundaries.
+const RUN_TOGETHER: usize = 7;
+
+/// A character that ends a clause: an exception phrase covers nothing after one ("history
+/// of: how to ..." does not cover the request after the colon).
+fn ends_clause(b: u8) -> bool {
+    matches!(b, b'.' | b':' | b';' | b'?' | b'!' | b'\n')
+}
+
+/// A character that ends a sentence.
+fn ends_sentence(b: u8) -> bool {
+    matches!(b, b'.' | b'?' | b'!' | b'\n')
+}
+
+/// The prompt and the text it hides as base64, hex or URL-encoding (decoded), normalized.
+fn prepare(text: &str) -> Normalized {
+    match decode_payloads(text) {
+        Some(decoded) => normalize_parts(&format!("{text}\n{decoded}")),
+        None => normalize_parts(text),
+    }
+}
 
 /// A whole-word match may end at a word boundary or with a plural or verb ending ("bombs",
 /// "hacked", "killing").
@@ -101,8 +133,11 @@ impl Compiled {
             .sets
             .get(set)
             .or_else(|| self.sets.get(&self.default_set));
-        let normalized = normalize(text);
-        let mut hits = self.hits_normalized(&normalized, set_map);
+        let Normalized {
+            text: normalized,
+            joined,
+        } = prepare(text);
+        let mut hits = self.hits_normalized(&normalized, &joined, set_map);
         hits.sort_by(|a, b| b.action.cmp(&a.action).then(a.start.cmp(&b.start)));
         let decisive = hits.first().cloned();
         Verdict {
@@ -115,12 +150,19 @@ impl Compiled {
 
     /// Every rule hit in a text (normalized first); see `hits_normalized`.
     pub(super) fn hits(&self, text: &str, set: Option<&BTreeMap<String, Action>>) -> Vec<Hit> {
-        self.hits_normalized(&normalize(text), set)
+        let n = prepare(text);
+        self.hits_normalized(&n.text, &n.joined, set)
     }
 
-    /// Every rule hit in a normalized text. With a set, each hit carries the set's action (or the
-    /// rule's override); categories the set allows are skipped. Without a set: `Block`.
-    fn hits_normalized(&self, text: &str, set: Option<&BTreeMap<String, Action>>) -> Vec<Hit> {
+    /// Every rule hit in a normalized text (`joined`: the stretches joined from spaced letters).
+    /// With a set, each hit carries the set's action (or the rule's override); categories the
+    /// set allows are skipped. Without a set: `Block`.
+    fn hits_normalized(
+        &self,
+        text: &str,
+        joined: &[(usize, usize)],
+        set: Option<&BTreeMap<String, Action>>,
+    ) -> Vec<Hit> {
         let action_of = |rule: &Rule| -> Action {
             let base = match set {
                 None => Action::Block,
@@ -134,7 +176,8 @@ impl Compiled {
                 _ => base,
             }
         };
-        let mut exceptions: Vec<(usize, usize, usize)> = Vec::new(); // (category, start, end)
+        // (category, kind, start, end)
+        let mut exceptions: Vec<(usize, ExceptionKind, usize, usize)> = Vec::new();
         let mut kw: Vec<(usize, usize, usize)> = Vec::new(); // (rule, start, end)
         let mut groups: Vec<(usize, usize, usize, usize)> = Vec::new(); // (rule, group, start, end)
         // The patterns to run: those a required literal of occurs in, and the ungated ones
@@ -153,13 +196,20 @@ impl Compiled {
                 let before = text[..s].chars().next_back();
                 let starts_word = before.is_none_or(|c| !is_word_char(c));
                 let ends_word = word_end_ok(&text[e..]);
-                if !starts_word || !ends_word {
+                let run_together = || {
+                    joined
+                        .iter()
+                        .any(|(a, b)| b - a >= RUN_TOGETHER && *a <= s && e <= *b)
+                };
+                if (!starts_word || !ends_word) && !run_together() {
                     continue;
                 }
             }
             for u in &self.term_uses[id] {
                 match u {
-                    TermUse::Exception { category } => exceptions.push((*category, s, e)),
+                    TermUse::Exception { category, kind } => {
+                        exceptions.push((*category, *kind, s, e))
+                    }
                     TermUse::Keyword { rule } => kw.push((*rule, s, e)),
                     TermUse::Group { rule, group } => groups.push((*rule, *group, s, e)),
                 }
@@ -182,7 +232,25 @@ impl Compiled {
             }
             words[text.len()].saturating_sub(inside)
         };
-        let excepted = |rule: usize, s: usize, e: usize| {
+        // A negation or self-reference that is part of a term of its category ("never hire",
+        // "not human", "i'm a fag") belongs to that term: it negates nothing.
+        if exceptions.iter().any(|x| x.1 != ExceptionKind::Phrase) {
+            let terms: Vec<(usize, usize, usize)> = kw
+                .iter()
+                .copied()
+                .chain(groups.iter().map(|(r, _, s, e)| (*r, *s, *e)))
+                .collect();
+            exceptions.retain(|(c, kind, xs, xe)| {
+                matches!(kind, ExceptionKind::Phrase | ExceptionKind::Denouncing)
+                    || !terms.iter().any(|(r, s, e)| {
+                        self.categories.get(*c) == Some(&self.rules[*r].category)
+                            && s < xe
+                            && xs < e
+                    })
+            });
+        }
+        // `keyword`: the hit is a keyword (a slur stays a slur after a negation).
+        let excepted = |rule: usize, s: usize, e: usize, keyword: bool| {
             let cat = &self.rules[rule].category;
             if outside_words >= 3
                 && self.quoted_pass.contains(cat)
@@ -190,14 +258,31 @@ impl Compiled {
             {
                 return true;
             }
-            exceptions.iter().any(|(c, xs, xe)| {
+            let bytes = text.as_bytes();
+            // Whether `a..b` (a <= b) is within `reach` words and crosses no `stop` character.
+            let near = |a: usize, b: usize, reach: u32, stop: fn(u8) -> bool| {
+                !bytes[a..b].iter().any(|c| stop(*c)) && {
+                    let words = words();
+                    words[b].saturating_sub(words[a]) <= reach
+                }
+            };
+            exceptions.iter().any(|(c, kind, xs, xe)| {
                 self.categories.get(*c) == Some(cat)
-                    && ((*xs <= s && e <= *xe)
-                        || (s <= *xs && *xe <= e)
-                        || (*xe <= s && {
-                            let words = words();
-                            words[s].saturating_sub(words[*xe]) <= EXCEPTION_REACH
-                        }))
+                    && match kind {
+                        ExceptionKind::Phrase => {
+                            (*xs < e && s < *xe)
+                                || (*xe <= s && near(*xe, s, EXCEPTION_REACH, ends_clause))
+                        }
+                        ExceptionKind::Negation => {
+                            !keyword && *xe <= s && near(*xe, s, NEGATION_REACH, ends_clause)
+                        }
+                        ExceptionKind::SelfReference => {
+                            *xe <= s && near(*xe, s, SELF_REFERENCE_REACH, ends_clause)
+                        }
+                        ExceptionKind::Denouncing => {
+                            e <= *xs && near(e, *xs, DENOUNCING_REACH, ends_sentence)
+                        }
+                    }
             })
         };
         let mut hits = Vec::new();
@@ -217,7 +302,7 @@ impl Compiled {
             });
         };
         for (rule, s, e) in kw {
-            if !excepted(rule, s, e) {
+            if !excepted(rule, s, e, true) {
                 push(rule, s, e, &mut hits);
             }
         }
@@ -230,7 +315,7 @@ impl Compiled {
             let (re, rule) = &self.regex_list[re_idx];
             if let Some(m) = re
                 .find_iter(text)
-                .find(|m| !excepted(*rule, m.start(), m.end()))
+                .find(|m| !excepted(*rule, m.start(), m.end(), false))
             {
                 push(*rule, m.start(), m.end(), &mut hits);
             }
@@ -238,7 +323,7 @@ impl Compiled {
         if !groups.is_empty() {
             let mut by_rule: BTreeMap<usize, Vec<(usize, usize, usize)>> = BTreeMap::new();
             for (rule, g, s, e) in groups {
-                if !excepted(rule, s, e) {
+                if !excepted(rule, s, e, false) {
                     by_rule.entry(rule).or_default().push((g, s, e));
                 }
             }

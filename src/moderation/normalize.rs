@@ -316,9 +316,20 @@ const MAX_RUN: usize = 16 * 1024;
 const MAX_RUNS: usize = 16;
 const MAX_DECODED: usize = 16 * 1024;
 
-/// A base64 (standard or URL-safe) or hex character.
+/// Whether each byte is a base64 (standard or URL-safe) or hex character.
+const ENCODED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=' | b'-' | b'_');
+        b += 1;
+    }
+    t
+};
+
 fn encoded_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+    ENCODED[usize::from(b)]
 }
 
 /// Whether decoded bytes read as text: valid UTF-8, no control characters but line breaks and
@@ -367,7 +378,8 @@ fn decode_url(text: &str) -> Option<String> {
             && b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
             && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)
     };
-    if (0..b.len()).filter(|i| escape(*i)).take(3).count() < 3 {
+    // Most texts hold no '%' at all: one fast search says so.
+    if !text.contains('%') || (0..b.len()).filter(|i| escape(*i)).take(3).count() < 3 {
         return None;
     }
     let mut out = Vec::with_capacity(b.len().min(MAX_DECODED));
@@ -394,17 +406,18 @@ pub fn decode_payloads(text: &str) -> Option<String> {
     let mut out = String::new();
     let b = text.as_bytes();
     let (mut i, mut runs) = (0usize, 0usize);
-    while i < b.len() && runs < MAX_RUNS && out.len() < MAX_DECODED {
-        if !encoded_byte(b[i]) {
-            i += 1;
+    while i + MIN_ENCODED <= b.len() && runs < MAX_RUNS && out.len() < MAX_DECODED {
+        // A run of `MIN_ENCODED` starting at `i` needs every byte up to `i + MIN_ENCODED - 1`:
+        // the last byte of that window that is not encoded rules out every start up to it,
+        // so ordinary text (a space every few bytes) is crossed in long strides.
+        if let Some(k) = (i..i + MIN_ENCODED).rev().find(|k| !encoded_byte(b[*k])) {
+            i = k + 1;
             continue;
         }
         let start = i;
+        i += MIN_ENCODED;
         while i < b.len() && encoded_byte(b[i]) {
             i += 1;
-        }
-        if i - start < MIN_ENCODED {
-            continue;
         }
         runs += 1;
         // Only ASCII bytes are in a run, so these are character boundaries.

@@ -186,7 +186,7 @@ impl Compiled {
                     add_term(
                         k,
                         TermUse::Keyword { rule: idx },
-                        file.split_words,
+                        r.split_words,
                         &mut term_list,
                         &mut term_uses,
                     );
@@ -232,7 +232,7 @@ impl Compiled {
                                     rule: idx,
                                     group: g,
                                 },
-                                file.split_words,
+                                r.split_words,
                                 &mut term_list,
                                 &mut term_uses,
                             );

@@ -45,10 +45,6 @@ pub(super) struct CategoryFile {
     /// mention ("saying 'X' is bigoted"), not a use.
     #[serde(default)]
     pub quoted_mentions_pass: bool,
-    /// Also match each one-word keyword or co-occurrence term of seven letters or more split
-    /// in two by a space ("ex plosive"), as people split a word to slip past a list.
-    #[serde(default)]
-    pub split_words: bool,
     #[serde(default)]
     pub examples: Examples,
 }
@@ -65,6 +61,11 @@ pub(super) struct RuleFile {
     pub patterns: Vec<String>,
     #[serde(default)]
     pub all_of: Option<CoOccurrence>,
+    /// Also match each one-word keyword or co-occurrence term of seven letters or more split
+    /// in two by a space ("ex plosive"), as people split a word to slip past a list. Each
+    /// term adds a few to the automaton, so it is for the rules that name what is harmful.
+    #[serde(default)]
+    pub split_words: bool,
     /// Overrides the set's action for this rule (e.g. `shadow` for a new rule).
     #[serde(default)]
     pub action: Option<Action>,

@@ -31,7 +31,9 @@ fn main() {
         "Cargo.toml",
         "Cargo.lock",
     ] {
-        println!("cargo:rerun-if-changed={}", plugins.join(dir).display());
+        // Relative to the package root: several checkouts may share one target folder, and an
+        // absolute path would make cargo look at the checkout that last ran this script.
+        println!("cargo:rerun-if-changed=plugins/{dir}");
     }
     let target_dir = plugins.join("target");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());

@@ -268,7 +268,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             state
                 .routing
                 .plugins()
-                .watch()
+                .watch(&state.background)
                 .map_err(|e| StartError::Watch(e.to_string()))?,
         );
     }
@@ -291,7 +291,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             state
                 .moderator
                 .policies
-                .watch_keeping(in_use)
+                .watch_keeping(&state.background, in_use)
                 .map_err(StartError::Watch)?,
         );
     }
@@ -299,7 +299,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let weak = Arc::downgrade(&state);
         let file = std::fs::canonicalize(&path).unwrap_or(path);
         watches.push(
-            crate::watch::spawn_file(file, move || {
+            crate::watch::spawn_file(&state.background, file, move || {
                 if let Some(st) = weak.upgrade() {
                     st.reload_routes();
                 }

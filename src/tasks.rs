@@ -1,5 +1,6 @@
 //! Background work of one gateway on one tracker: the charge-journal writer, the reservation
-//! sweeper, WAL checkpoints and the release of dropped reservations are spawned here, never with
+//! sweeper, WAL checkpoints, the release of dropped reservations and the reload watchers (on the
+//! blocking pool: a reload compiles components and policies) are spawned here, never with
 //! a bare `tokio::spawn`, so that a graceful shutdown can stop them and wait until each has
 //! finished its last step (the journal writer moves what is journaled into the ledger first).
 
@@ -26,6 +27,15 @@ impl Background {
         F: Future<Output = ()> + Send + 'static,
     {
         self.tracker.spawn(task);
+    }
+
+    /// Run blocking work (a loop that waits on a channel, CPU-heavy reloads) on the runtime's
+    /// blocking pool, tracked.
+    pub fn spawn_blocking<F>(&self, task: F)
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        self.tracker.spawn_blocking(task);
     }
 
     /// Run `task` on `handle` (from code that may not be inside the runtime, such as a `Drop`).

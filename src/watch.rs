@@ -1,7 +1,8 @@
 //! Debounced file watching: the plugins folder and the config file reload through this.
 //!
-//! A notify watcher feeds a channel; one thread waits for a quiet period after the last event
-//! and then runs the callback, so a file copied in several writes is looked at once it settles.
+//! A notify watcher feeds a channel; one task on the gateway's blocking pool (tracked, so a
+//! shutdown waits for a reload in progress) waits for a quiet period after the last event and
+//! then runs the callback, so a file copied in several writes is looked at once it settles.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -18,14 +19,22 @@ pub struct Watch {
 }
 
 /// Watch `paths` (folders or files, non-recursively) and run `on_change` after changes settle.
-pub fn spawn(paths: Vec<PathBuf>, on_change: impl Fn() + Send + 'static) -> Result<Watch, String> {
-    spawn_filtered(paths, None, on_change)
+pub fn spawn(
+    bg: &crate::tasks::Background,
+    paths: Vec<PathBuf>,
+    on_change: impl Fn() + Send + 'static,
+) -> Result<Watch, String> {
+    spawn_filtered(bg, paths, None, on_change)
 }
 
 /// Watch one file: its folder is watched (editors replace files by rename, which a watch on the
 /// file itself would lose), but only events that name the file count, so a busy neighbour (a
 /// database in the same folder) neither triggers nor delays the callback.
-pub fn spawn_file(file: PathBuf, on_change: impl Fn() + Send + 'static) -> Result<Watch, String> {
+pub fn spawn_file(
+    bg: &crate::tasks::Background,
+    file: PathBuf,
+    on_change: impl Fn() + Send + 'static,
+) -> Result<Watch, String> {
     let dir = file
         .parent()
         .map(std::path::Path::to_path_buf)
@@ -34,10 +43,11 @@ pub fn spawn_file(file: PathBuf, on_change: impl Fn() + Send + 'static) -> Resul
         .file_name()
         .map(std::ffi::OsStr::to_os_string)
         .ok_or_else(|| format!("{} names no file", file.display()))?;
-    spawn_filtered(vec![dir], Some(name), on_change)
+    spawn_filtered(bg, vec![dir], Some(name), on_change)
 }
 
 fn spawn_filtered(
+    bg: &crate::tasks::Background,
     paths: Vec<PathBuf>,
     only: Option<std::ffi::OsString>,
     on_change: impl Fn() + Send + 'static,
@@ -67,15 +77,12 @@ fn spawn_filtered(
             .watch(p, RecursiveMode::NonRecursive)
             .map_err(|e| format!("watching {}: {e}", p.display()))?;
     }
-    std::thread::Builder::new()
-        .name("tollgate-watch".into())
-        .spawn(move || {
-            // Ends when the watcher (and so the sender) is dropped.
-            while rx.recv().is_ok() {
-                while rx.recv_timeout(DEBOUNCE).is_ok() {}
-                on_change();
-            }
-        })
-        .map_err(|e| e.to_string())?;
+    bg.spawn_blocking(move || {
+        // Ends when the watcher (and so the sender) is dropped.
+        while rx.recv().is_ok() {
+            while rx.recv_timeout(DEBOUNCE).is_ok() {}
+            on_change();
+        }
+    });
     Ok(Watch { _watcher: watcher })
 }

@@ -218,9 +218,12 @@ impl Registry {
 
     /// Watch the folder and rescan on every change (debounced). Returns the watcher, which must be
     /// kept alive; dropping it stops watching.
-    pub fn watch(self: &Arc<Self>) -> Result<crate::watch::Watch, LoadError> {
+    pub fn watch(
+        self: &Arc<Self>,
+        bg: &crate::tasks::Background,
+    ) -> Result<crate::watch::Watch, LoadError> {
         let me = Arc::downgrade(self);
-        crate::watch::spawn(vec![self.dir.clone()], move || {
+        crate::watch::spawn(bg, vec![self.dir.clone()], move || {
             if let Some(reg) = me.upgrade() {
                 let report = reg.rescan();
                 if !report.loaded.is_empty()

@@ -103,17 +103,21 @@ impl PolicyStore {
     }
 
     /// Watch the folder and reload on change.
-    pub fn watch(self: &Arc<Self>) -> Result<crate::watch::Watch, String> {
-        self.watch_keeping(std::collections::BTreeSet::new)
+    pub fn watch(
+        self: &Arc<Self>,
+        bg: &crate::tasks::Background,
+    ) -> Result<crate::watch::Watch, String> {
+        self.watch_keeping(bg, std::collections::BTreeSet::new)
     }
 
     /// Watch the folder and reload on change, keeping every set `in_use` returns then.
     pub fn watch_keeping(
         self: &Arc<Self>,
+        bg: &crate::tasks::Background,
         in_use: impl Fn() -> std::collections::BTreeSet<String> + Send + 'static,
     ) -> Result<crate::watch::Watch, String> {
         let me = Arc::downgrade(self);
-        crate::watch::spawn(vec![self.dir.clone()], move || {
+        crate::watch::spawn(bg, vec![self.dir.clone()], move || {
             if let Some(store) = me.upgrade() {
                 let _ = store.reload_keeping(&in_use());
             }

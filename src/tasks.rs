@@ -51,10 +51,6 @@ impl Background {
         self.stop.clone().cancelled_owned()
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.stop.is_cancelled()
-    }
-
     /// Ask every task to finish its last step and wait until all have.
     pub async fn stop(&self) {
         self.stop.cancel();
@@ -81,6 +77,5 @@ mod tests {
         }
         bg.stop().await;
         assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 3);
-        assert!(bg.is_stopping());
     }
 }

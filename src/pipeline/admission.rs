@@ -23,20 +23,6 @@ pub struct Admitted {
     pub(super) place: Option<crate::limits::Admitted>,
 }
 
-impl Admitted {
-    pub fn call(&self) -> &Call {
-        &self.call
-    }
-
-    pub fn caller(&self) -> Option<&Caller> {
-        self.caller.as_ref()
-    }
-
-    pub fn estimate(&self) -> &Estimate {
-        &self.estimate
-    }
-}
-
 /// Who may call the model: an anonymous caller only for the models config opens to everyone; a
 /// key only for the models it allows.
 pub fn authorize(caller: Option<&Caller>, pick: &Pick, model: &str) -> Result<(), ApiError> {

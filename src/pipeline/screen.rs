@@ -13,12 +13,6 @@ pub struct Screened {
     pub(super) admitted: Admitted,
 }
 
-impl Screened {
-    pub fn admitted(&self) -> &Admitted {
-        &self.admitted
-    }
-}
-
 pub fn screen(st: &AppState, admitted: Admitted) -> Result<Screened, ApiError> {
     let call = &admitted.call;
     let caller = admitted.caller.as_ref();

@@ -146,22 +146,14 @@ async fn require_caller(st: &SharedState, headers: &HeaderMap) -> Result<Caller,
         .ok_or_else(|| crate::auth::AuthError::Missing.into())
 }
 
-/// Every pipeline route: the route's own parse and run inside [`pipeline_route`].
+/// Every pipeline route: read and parse the body (the route's own validation), find the caller,
+/// run the route's steps within `server.request_timeout`, count it, answer.
 async fn pipeline_handler<R: Route>(
     State(st): State<SharedState>,
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> Response {
-    pipeline_route::<R>(st, &headers, body).await
-}
-
-/// One route through the pipeline: read and parse the body (the route's own validation), find
-/// the caller, run the route's steps within `server.request_timeout`, count it, answer.
-async fn pipeline_route<R: Route>(
-    st: SharedState,
-    headers: &HeaderMap,
-    body: Result<RawBody, ApiError>,
-) -> Response {
+    let headers = &headers;
     let route = R::PATH;
     let started = Instant::now();
     let request_id = request_id_of(headers);

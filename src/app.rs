@@ -45,7 +45,7 @@ pub struct AppState {
     pub limiter: crate::limits::Limiter,
     pub moderator: crate::moderation::Moderator,
     /// Background tasks (journal writer, sweeper, checkpoints, releases): stopped last.
-    pub background: crate::tasks::Background,
+    pub background: crate::background::Background,
     /// Bytes of request bodies held at once (`server.max_inflight_body_bytes`).
     pub body_budget: server::listen::BodyBudget,
     pub ready: AtomicBool,
@@ -82,7 +82,7 @@ pub enum StartError {
 impl AppState {
     pub async fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let background = crate::tasks::Background::new();
+        let background = crate::background::Background::new();
         let db = Db::connect_with(&config.database.url, Some(&background)).await?;
         let auth = Authenticator::new(db.clone(), config.auth.cache_ttl);
         let billing = Billing::for_gateway(

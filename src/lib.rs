@@ -20,7 +20,7 @@ pub mod policy;
 pub mod routing;
 pub mod server;
 pub mod store;
-pub mod tasks;
+pub mod background;
 pub mod telemetry;
 pub mod upstream;
 pub mod watch;

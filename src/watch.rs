@@ -20,7 +20,7 @@ pub struct Watch {
 
 /// Watch `paths` (folders or files, non-recursively) and run `on_change` after changes settle.
 pub fn spawn(
-    bg: &crate::tasks::Background,
+    bg: &crate::background::Background,
     paths: Vec<PathBuf>,
     on_change: impl Fn() + Send + 'static,
 ) -> Result<Watch, String> {
@@ -31,7 +31,7 @@ pub fn spawn(
 /// file itself would lose), but only events that name the file count, so a busy neighbour (a
 /// database in the same folder) neither triggers nor delays the callback.
 pub fn spawn_file(
-    bg: &crate::tasks::Background,
+    bg: &crate::background::Background,
     file: PathBuf,
     on_change: impl Fn() + Send + 'static,
 ) -> Result<Watch, String> {
@@ -47,7 +47,7 @@ pub fn spawn_file(
 }
 
 fn spawn_filtered(
-    bg: &crate::tasks::Background,
+    bg: &crate::background::Background,
     paths: Vec<PathBuf>,
     only: Option<std::ffi::OsString>,
     on_change: impl Fn() + Send + 'static,

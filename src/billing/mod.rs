@@ -279,7 +279,7 @@ struct Inner {
     metrics: Option<Arc<Metrics>>,
     /// Where a dropped hold's release and lease renewals run (tracked, so a shutdown waits for
     /// them).
-    background: crate::tasks::Background,
+    background: crate::background::Background,
 }
 
 impl Billing {
@@ -287,7 +287,7 @@ impl Billing {
         db: Db,
         books: Books,
         metrics: Option<Arc<Metrics>>,
-        background: crate::tasks::Background,
+        background: crate::background::Background,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -303,7 +303,7 @@ impl Billing {
     /// with several gateways, and the CLI beside a running gateway).
     pub fn new(db: Db, hold_ttl: Duration, metrics: Option<Arc<Metrics>>) -> Self {
         let books = Books::Shared(shared::Shared::new(db.clone(), hold_ttl));
-        Self::with(db, books, metrics, crate::tasks::Background::new())
+        Self::with(db, books, metrics, crate::background::Background::new())
     }
 
     /// Billing for the gateway: on SQLite it owns the database ([`owned`]: reservations in
@@ -315,7 +315,7 @@ impl Billing {
         db: Db,
         settings: Settings,
         metrics: Option<Arc<Metrics>>,
-        background: &crate::tasks::Background,
+        background: &crate::background::Background,
     ) -> Result<Self, BillingError> {
         let books = match db.backend {
             Backend::Sqlite => Books::Owned(

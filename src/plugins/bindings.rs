@@ -15,3 +15,16 @@ pub mod policy {
         path: "plugins/wit",
     });
 }
+
+/// The `task-provider` world: a provider of long-running jobs exports the provider API and the
+/// task API. Only its task API is read from here (`TaskProviderIndices`); the shared records are
+/// the `provider` world's.
+pub mod task_provider {
+    wasmtime::component::bindgen!({
+        world: "task-provider",
+        path: "plugins/wit",
+        with: {
+            "tollgate:plugin/types": super::provider::tollgate::plugin::types,
+        },
+    });
+}

@@ -220,7 +220,7 @@ impl Registry {
     /// kept alive; dropping it stops watching.
     pub fn watch(
         self: &Arc<Self>,
-        bg: &crate::tasks::Background,
+        bg: &crate::background::Background,
     ) -> Result<crate::watch::Watch, LoadError> {
         let me = Arc::downgrade(self);
         crate::watch::spawn(bg, vec![self.dir.clone()], move || {

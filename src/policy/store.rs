@@ -105,7 +105,7 @@ impl PolicyStore {
     /// Watch the folder and reload on change.
     pub fn watch(
         self: &Arc<Self>,
-        bg: &crate::tasks::Background,
+        bg: &crate::background::Background,
     ) -> Result<crate::watch::Watch, String> {
         self.watch_keeping(bg, std::collections::BTreeSet::new)
     }
@@ -113,7 +113,7 @@ impl PolicyStore {
     /// Watch the folder and reload on change, keeping every set `in_use` returns then.
     pub fn watch_keeping(
         self: &Arc<Self>,
-        bg: &crate::tasks::Background,
+        bg: &crate::background::Background,
         in_use: impl Fn() -> std::collections::BTreeSet<String> + Send + 'static,
     ) -> Result<crate::watch::Watch, String> {
         let me = Arc::downgrade(self);

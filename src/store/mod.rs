@@ -166,7 +166,7 @@ impl Db {
     /// WAL every [`CHECKPOINT_EVERY`] until the background stops or the `Db` is dropped.
     pub async fn connect_with(
         url: &str,
-        background: Option<&crate::tasks::Background>,
+        background: Option<&crate::background::Background>,
     ) -> Result<Self, StoreError> {
         install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
@@ -307,7 +307,7 @@ impl Db {
 /// (PASSIVE: it never blocks the writer), until the guard is dropped or the background stops.
 async fn checkpointer(
     url: &str,
-    bg: &crate::tasks::Background,
+    bg: &crate::background::Background,
 ) -> Result<Checkpointer, StoreError> {
     use sqlx::Connection as _;
     let opts = sqlx::any::AnyConnectOptions::from_str(url)?.disable_statement_logging();

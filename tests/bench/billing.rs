@@ -56,7 +56,7 @@ fn money_path(c: &mut Criterion) {
                 ..Default::default()
             },
             None,
-            &tollgate::tasks::Background::new(),
+            &tollgate::background::Background::new(),
         )
         .await
         .unwrap();

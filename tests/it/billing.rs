@@ -1095,7 +1095,7 @@ async fn concurrent_settles_share_commits_and_one_request_is_charged_once() {
             ..Default::default()
         },
         None,
-        &tollgate::tasks::Background::new(),
+        &tollgate::background::Background::new(),
     )
     .await
     .unwrap();
@@ -1212,7 +1212,7 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
             ..Default::default()
         },
         None,
-        &tollgate::tasks::Background::new(),
+        &tollgate::background::Background::new(),
     )
     .await
     .unwrap();
@@ -1240,7 +1240,7 @@ async fn a_journal_left_by_a_crash_is_moved_into_the_ledger_once() {
             ..Default::default()
         },
         None,
-        &tollgate::tasks::Background::new(),
+        &tollgate::background::Background::new(),
     )
     .await
     .unwrap();

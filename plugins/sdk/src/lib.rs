@@ -35,10 +35,36 @@ pub mod policy {
     });
 }
 
+/// Generated bindings of the `tasks` world (the task API of providers of long-running jobs),
+/// over the same `types` as [`provider`], so every helper here serves both. A task plugin
+/// implements [`Provider`] and [`Tasks`] and exports both, which makes it a component of the
+/// `task-provider` world:
+///
+/// ```ignore
+/// tollgate_plugin_sdk::export_provider!(MyProvider);
+/// tollgate_plugin_sdk::export_tasks!(MyProvider);
+/// ```
+pub mod tasks {
+    wit_bindgen::generate!({
+        world: "tasks",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "export_tasks",
+        default_bindings_module: "tollgate_plugin_sdk::tasks",
+        with: {
+            "tollgate:plugin/types@0.1.0": crate::provider::tollgate::plugin::types,
+        },
+    });
+}
+
 pub mod openai;
 
 pub use policy::export_policy;
 pub use provider::export_provider;
+pub use tasks::exports::tollgate::plugin::task_api::{
+    Guest as Tasks, JobState, Submitted, TaskOutput,
+};
+pub use tasks::export_tasks;
 
 pub use policy::exports::tollgate::plugin::policy_api;
 pub use provider::exports::tollgate::plugin::provider_api::Guest as Provider;

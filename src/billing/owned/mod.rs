@@ -213,7 +213,7 @@ impl Owned {
     /// writer task on the current runtime.
     pub async fn open(
         db: Db,
-        background: &crate::tasks::Background,
+        background: &crate::background::Background,
         max_pending: usize,
     ) -> Result<Self, BillingError> {
         let file = match db.sqlite_file.as_deref() {
@@ -549,7 +549,7 @@ mod tests {
     #[tokio::test]
     async fn verify_catches_memory_that_drifts_from_the_open_holds() {
         let db = Db::connect("sqlite::memory:").await.unwrap();
-        let background = crate::tasks::Background::new();
+        let background = crate::background::Background::new();
         let b = Billing::for_gateway(db, Settings::default(), None, &background)
             .await
             .unwrap();
@@ -591,7 +591,7 @@ mod tests {
     #[tokio::test]
     async fn the_bound_counts_waiting_charges_and_open_holds() {
         let db = Db::connect("sqlite::memory:").await.unwrap();
-        let background = crate::tasks::Background::new();
+        let background = crate::background::Background::new();
         let settings = Settings {
             max_pending_charges: 2,
             ..Settings::default()

@@ -48,6 +48,8 @@ pub struct AppState {
     pub background: crate::background::Background,
     /// Bytes of request bodies held at once (`server.max_inflight_body_bytes`).
     pub body_budget: server::listen::BodyBudget,
+    /// The async task API: stored tasks, archived outputs, workers' state.
+    pub tasks: crate::tasks::Tasks,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -73,6 +75,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("billing at start (the charge journal, open reservations): {0}")]
     Reconcile(#[from] crate::billing::BillingError),
+    #[error("tasks: {0}")]
+    Tasks(String),
     #[error("models without a price (give each a `price`, or mark it `free: true`): {}", .0.join(", "))]
     Unpriced(Vec<String>),
     #[error("policies refused:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
@@ -118,6 +122,17 @@ impl AppState {
         }
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);
+        let tasks =
+            crate::tasks::Tasks::open(billing.db().clone(), config.tasks.clone(), Some(&metrics))
+                .await
+                .map_err(StartError::Tasks)?;
+        let restored = tasks.restore_holds(&billing).await;
+        if restored > 0 {
+            tracing::info!(
+                tasks = restored,
+                "holding the reservations of unfinished tasks again"
+            );
+        }
         let body_budget = server::listen::BodyBudget::new(
             config.server.max_inflight_body_bytes,
             config.server.max_body_bytes,
@@ -132,6 +147,7 @@ impl AppState {
             limiter: crate::limits::Limiter::new(),
             moderator,
             body_budget,
+            tasks,
             background,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
@@ -327,6 +343,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         addr: operator_listen,
         source,
     })?;
+    if state.config.tasks.public_url.is_none() {
+        state
+            .tasks
+            .archive
+            .set_public_url(format!("http://{public_addr}"));
+    }
+    crate::tasks::start(&state);
     // Small responses and SSE frames must leave at once: no Nagle delay on accepted sockets
     // (the public listener sets it on each connection it accepts).
     let operator = operator.tap_io(|tcp| {

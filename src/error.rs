@@ -329,10 +329,42 @@ pub struct ErrorLogged {
     pub detail: String,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+/// The shape of a route's error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// OpenAI's `{"error": {"message", "type", "code", "param"}}`.
+    OpenAi,
+    /// The task API's `{"code", "message", "data": null, "error_code"}`.
+    Task,
+}
+
+impl ApiError {
+    /// The body in the task API's shape: the HTTP status as `code`, and the error's kind in
+    /// capitals as `error_code` (`INVALID_REQUEST`, `INSUFFICIENT_QUOTA`, ...).
+    pub fn task_body(&self) -> serde_json::Value {
+        let mut body = json!({
+            "code": self.status().as_u16(),
+            "message": self.public_message(),
+            "data": null,
+            "error_code": self.kind().to_ascii_uppercase(),
+        });
+        if let Self::ContentPolicy(b) = self {
+            body["category"] = json!(b.category);
+        }
+        body
+    }
+
+    /// The response in the given shape, with `Retry-After` and rate-limit headers.
+    pub fn respond(self, shape: ErrorShape) -> Response {
+        let body = match shape {
+            ErrorShape::OpenAi => self.openai_body(),
+            ErrorShape::Task => self.task_body(),
+        };
+        self.response_with(body.to_string())
+    }
+
+    fn response_with(self, body: String) -> Response {
         let status = self.status();
-        let body = self.openai_body().to_string();
         let mut resp = (status, body).into_response();
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -362,6 +394,12 @@ impl IntoResponse for ApiError {
             detail,
         });
         resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.respond(ErrorShape::OpenAi)
     }
 }
 

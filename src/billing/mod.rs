@@ -138,6 +138,9 @@ pub trait Reservations: Send + Sync {
     /// balance cannot cover it or the account is not active, `Backlog` if too many charges wait
     /// for the ledger.
     fn reserve(&self, hold: &Hold) -> impl Future<Output = Result<(), BillingError>> + Send;
+    /// Hold `hold.amount` again for work accepted before (an async task resumed by another
+    /// process or after a restart): no balance check, no backlog refusal.
+    fn restore(&self, hold: &Hold) -> impl Future<Output = Result<(), BillingError>> + Send;
     /// Charge `charge` (the usage in full, even beyond the reservation, capped only so that the
     /// balance stays at or above `-MAX_BALANCE`) and close the reservation, at most once per
     /// request, also when the reservation was swept first; durable when this returns.
@@ -187,6 +190,13 @@ impl Reservations for Books {
         match self {
             Self::Owned(b) => b.reserve(hold).await,
             Self::Shared(b) => b.reserve(hold).await,
+        }
+    }
+
+    async fn restore(&self, hold: &Hold) -> Result<(), BillingError> {
+        match self {
+            Self::Owned(b) => b.restore(hold).await,
+            Self::Shared(b) => b.restore(hold).await,
         }
     }
 
@@ -382,6 +392,51 @@ impl Billing {
             hold._lease = Some(self.keep_leased(hold.id.clone(), every));
         }
         self.open_reservations(1);
+        Ok(hold)
+    }
+
+    /// Take over the reservation `hold_id` of work accepted earlier (an async task): if it is
+    /// still open (same process, or its lease on PostgreSQL has not run out) it is adopted;
+    /// otherwise the amount is held again, with no balance check. The request id keeps the
+    /// charge to one per task whoever settles.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn adopt(
+        &self,
+        hold_id: Option<&str>,
+        account_id: &str,
+        key_id: &str,
+        request_id: &str,
+        model: &str,
+        amount: Credits,
+        price: Price,
+    ) -> Result<Hold, BillingError> {
+        let adopted = match hold_id {
+            Some(id) => self.inner.books.renew(id).await?,
+            None => false,
+        };
+        let mut hold = Hold {
+            billing: self.clone(),
+            id: match (adopted, hold_id) {
+                (true, Some(id)) => id.to_string(),
+                _ => ulid::Ulid::new().to_string(),
+            },
+            account_id: account_id.into(),
+            key_id: key_id.into(),
+            request_id: request_id.into(),
+            model: model.into(),
+            amount,
+            price,
+            done: true,
+            _lease: None,
+        };
+        if !adopted {
+            self.inner.books.restore(&hold).await?;
+            self.open_reservations(1);
+        }
+        hold.done = false;
+        if let Some(every) = self.inner.books.lease() {
+            hold._lease = Some(self.keep_leased(hold.id.clone(), every));
+        }
         Ok(hold)
     }
 

@@ -42,37 +42,11 @@ impl Shared {
 impl Reservations for Shared {
     /// One conditional UPDATE and the reservation row.
     async fn reserve(&self, hold: &Hold) -> Result<(), BillingError> {
-        let mut tx = self.db.pool.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2 AND status = 'active' AND balance - reserved >= $1",
-        )
-        .bind(hold.amount.0)
-        .bind(&hold.account_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            tx.rollback().await?;
-            return Err(BillingError::InsufficientBalance {
-                estimate: hold.amount,
-            });
-        }
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO reservations (id, account_id, key_id, request_id, model, amount, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
-        )
-        .bind(&hold.id)
-        .bind(&hold.account_id)
-        .bind(&hold.key_id)
-        .bind(&hold.request_id)
-        .bind(&hold.model)
-        .bind(hold.amount.0)
-        .bind(now)
-        .bind(self.expires_at())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.insert(hold, false).await
+    }
+
+    async fn restore(&self, hold: &Hold) -> Result<(), BillingError> {
+        self.insert(hold, true).await
     }
 
     /// Close the row exactly once, give the reservation back, append the charge; one
@@ -232,4 +206,44 @@ pub(super) async fn release_open_rows(db: &Db, all: bool) -> Result<u64, Billing
         }
     }
     Ok(n)
+}
+
+impl Shared {
+    /// The reservation: `reserved` moved and its row inserted, in one transaction; unless
+    /// `force`d, only if the account is active and its free balance covers it.
+    async fn insert(&self, hold: &Hold, force: bool) -> Result<(), BillingError> {
+        let mut tx = self.db.pool.begin().await?;
+        let updated = sqlx::query(if force {
+            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2"
+        } else {
+            "UPDATE accounts SET reserved = reserved + $1 WHERE id = $2 AND status = 'active' AND balance - reserved >= $1"
+        })
+        .bind(hold.amount.0)
+        .bind(&hold.account_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            return Err(BillingError::InsufficientBalance {
+                estimate: hold.amount,
+            });
+        }
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO reservations (id, account_id, key_id, request_id, model, amount, state, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $8)",
+        )
+        .bind(&hold.id)
+        .bind(&hold.account_id)
+        .bind(&hold.key_id)
+        .bind(&hold.request_id)
+        .bind(&hold.model)
+        .bind(hold.amount.0)
+        .bind(now)
+        .bind(self.expires_at())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
 }

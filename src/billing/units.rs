@@ -74,7 +74,7 @@ impl fmt::Display for Credits {
 }
 
 /// Prices of a model, in pico-dollars.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
     #[serde(default)]

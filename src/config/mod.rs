@@ -14,7 +14,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Yaml};
 
 mod raw;
+mod tasks;
 use raw::RawConfig;
+pub use tasks::{Storage, TasksConfig};
 
 /// The configuration that ships inside the binary: what `tollgate serve` uses with no file at all.
 pub const EMBEDDED_DEFAULTS: &str = include_str!("../../config.yaml");
@@ -66,6 +68,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Channels and models: the part of the configuration that is reloaded while serving.
     pub routes: RoutesConfig,
+    pub tasks: TasksConfig,
     pub log: LogConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,
@@ -235,6 +238,8 @@ pub struct ModelConfig {
     pub price: Option<crate::billing::Price>,
     /// Marked free explicitly: billed nothing.
     pub free: bool,
+    /// Async tasks of this model time out after this long (`None`: `tasks.deadline`).
+    pub task_deadline: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +323,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
         "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
         _ => None,
     }
 }

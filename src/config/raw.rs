@@ -38,6 +38,8 @@ pub(super) struct RawConfig {
     billing: RawBilling,
     #[serde(default)]
     moderation: RawModeration,
+    #[serde(default)]
+    tasks: super::tasks::RawTasks,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +325,9 @@ struct RawModel {
     /// manifest must say so; otherwise the config is refused.
     #[serde(default)]
     free: bool,
+    /// Async tasks of this model fail as timed out after this long (else `tasks.deadline`).
+    #[serde(default)]
+    task_deadline: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -433,6 +438,7 @@ impl RawConfig {
             ));
         }
         let admin_token = env.get(&self.operator.admin_token_env).map(Secret::new);
+        let tasks = self.tasks.validate(env, &mut problems);
         let mut routes = validate_routes(self.channels, self.models, env, &mut problems);
         for (i, m) in self.auth.anonymous_models.iter().enumerate() {
             if !routes.models.iter().any(|r| &r.name == m) {
@@ -488,6 +494,7 @@ impl RawConfig {
                 max_event_bytes: self.upstream.max_event_bytes,
             },
             routes,
+            tasks,
             log: LogConfig {
                 filter: self.log.filter,
                 json: self.log.json,
@@ -579,9 +586,19 @@ fn validate_routes(
                 m.name
             ));
         }
+        let task_deadline = m.task_deadline.as_deref().and_then(|v| {
+            let d = parse_duration(v).filter(|d| !d.is_zero());
+            if d.is_none() {
+                problems.push(format!(
+                    "{key}.task_deadline: `{v}` is not a positive duration like 30s or 10m"
+                ));
+            }
+            d
+        });
         out.models.push(ModelConfig {
             price: m.price,
             free: m.free,
+            task_deadline,
             upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),
             name: m.name,
             channel: m.channel,

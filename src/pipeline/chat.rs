@@ -75,6 +75,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         output: true,
         outputs,
         images: 0,
+        seconds: 0,
     };
     Ok(Call {
         route: ROUTE,

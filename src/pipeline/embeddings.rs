@@ -92,6 +92,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         output: false,
         outputs: 1,
         images: 0,
+        seconds: 0,
     };
     Ok(Call {
         route: ROUTE,

@@ -105,6 +105,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         output: false,
         outputs: 1,
         images,
+        seconds: 0,
     };
     Ok(Call {
         route: ROUTE,

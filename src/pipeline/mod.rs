@@ -24,6 +24,7 @@ pub mod models;
 pub mod money;
 pub mod relay;
 pub mod screen;
+pub mod tasks;
 
 use std::pin::Pin;
 
@@ -117,6 +118,8 @@ pub struct Need {
     pub outputs: u64,
     /// Images the request asks for (each at the model's per-image price).
     pub images: u64,
+    /// Seconds of media the request asks for (video, music, speech: the per-second price).
+    pub seconds: u64,
 }
 
 /// One request of a route, validated: what every step reads.
@@ -137,6 +140,8 @@ pub struct Call {
 /// composes). The server serves every `Route` with one handler.
 pub trait Route {
     const PATH: &'static str;
+    /// The shape of this route's error bodies.
+    const ERRORS: crate::error::ErrorShape = crate::error::ErrorShape::OpenAi;
     fn parse(body: Body, request_id: String) -> Result<Call, ApiError>;
     fn run(
         st: &crate::app::AppState,

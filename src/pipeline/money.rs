@@ -45,7 +45,7 @@ pub fn estimate(price: &Price, need: &Need, output_cap: u64) -> Estimate {
         prompt_tokens: need.prompt_tokens,
         completion_tokens: output_cap.saturating_mul(need.outputs.max(1)),
         images: need.images,
-        ..Usage::default()
+        seconds: need.seconds,
     };
     Estimate {
         usage,
@@ -172,6 +172,7 @@ mod tests {
             output: true,
             outputs: 128,
             images: 0,
+            seconds: 0,
         };
         let e = estimate(&price, &need, 50);
         assert_eq!(e.usage.completion_tokens, 6_400);

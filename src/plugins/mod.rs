@@ -20,6 +20,7 @@ mod error;
 pub mod policy;
 pub mod registry;
 mod session;
+mod tasks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ pub use policy::{PluginAction, PluginVerdict, PolicyInput, PolicyPlugin};
 pub use registry::Registry;
 pub use session::Session;
 use session::classify;
+pub use tasks::{JobOutput, JobState, TaskSession};
 
 /// How often the epoch advances; a call's CPU bound is a whole number of ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -118,6 +120,8 @@ pub struct Plugin {
     /// SHA-256 of the component bytes: a replaced file with the same bytes is not reloaded.
     pub digest: [u8; 32],
     pre: bindings::provider::ProviderPre<GuestState>,
+    /// Where the task API's exports are, if the component has them (`task-provider` world).
+    tasks: Option<bindings::task_provider::TaskProviderIndices>,
     host: Arc<HostCore>,
 }
 
@@ -276,6 +280,7 @@ impl HostCore {
         origin: Origin,
     ) -> Result<Plugin, LoadError> {
         let (instance_pre, digest) = self.instance_pre(label, bytes)?;
+        let tasks = bindings::task_provider::TaskProviderIndices::new(&instance_pre).ok();
         let pre = bindings::provider::ProviderPre::new(instance_pre)
             .map_err(|e| LoadError::World(label.into(), format!("{e:#}")))?;
         let mut plugin = Plugin {
@@ -290,6 +295,7 @@ impl HostCore {
             origin,
             digest,
             pre,
+            tasks,
             host: self.clone(),
         };
         let manifest = {

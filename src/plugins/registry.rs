@@ -51,7 +51,7 @@ impl Registry {
             for (name, bytes) in bundled::BUNDLED {
                 match core.load_any(name, bytes, Origin::Bundled)? {
                     Loaded::Provider(p) => {
-                        bundled_map.insert((*name).to_string(), Arc::new(p));
+                        bundled_map.insert((*name).to_string(), Arc::from(p));
                     }
                     Loaded::Policy(p) => {
                         bundled_policies.insert((*name).to_string(), Arc::new(p));
@@ -163,7 +163,7 @@ impl Registry {
                     self.metrics.plugin_load(&name, "loaded");
                     report.loaded.push(name.clone());
                     refused.remove(path);
-                    next.insert(name, Arc::new(plugin));
+                    next.insert(name, Arc::from(plugin));
                 }
                 Err(e) => {
                     tracing::warn!(plugin = %name, file = %path.display(), error = %e, "plugin refused; the previous version keeps serving");
@@ -240,7 +240,7 @@ impl Registry {
 
 /// A component of either world.
 pub enum Loaded {
-    Provider(Plugin),
+    Provider(Box<Plugin>),
     Policy(PolicyPlugin),
 }
 
@@ -253,7 +253,7 @@ impl HostCore {
         origin: Origin,
     ) -> Result<Loaded, LoadError> {
         match self.load(name, bytes, origin.clone()) {
-            Ok(p) => Ok(Loaded::Provider(p)),
+            Ok(p) => Ok(Loaded::Provider(Box::new(p))),
             Err(LoadError::World(_, provider_err)) => match self.load_policy(name, bytes, origin) {
                 Ok(p) => Ok(Loaded::Policy(p)),
                 Err(LoadError::World(n, policy_err)) => {

@@ -93,9 +93,7 @@ impl Session {
         })
     }
 
-    /// A guest's error, with its message redacted. `upstream_status` is the status the host
-    /// itself saw (for `parse_response`). A 401 or 403 is the upstream refusing the channel's
-    /// credential whatever class the plugin chose: counted per channel and logged for the operator.
+    /// A guest's error, with its message redacted (see [`guest_error`]).
     fn guest_error(
         &self,
         ctx: &ChannelContext,
@@ -103,43 +101,7 @@ impl Session {
         e: wtypes::PluginError,
         upstream_status: Option<u16>,
     ) -> PluginError {
-        let mut class = match e.class {
-            wtypes::ErrorClass::InvalidRequest => GuestErrorClass::InvalidRequest,
-            wtypes::ErrorClass::RateLimited => GuestErrorClass::RateLimited,
-            wtypes::ErrorClass::Auth => GuestErrorClass::Auth,
-            wtypes::ErrorClass::ContentRefused => GuestErrorClass::ContentRefused,
-            wtypes::ErrorClass::NotFound => GuestErrorClass::NotFound,
-            wtypes::ErrorClass::Upstream => GuestErrorClass::Upstream,
-        };
-        let from_upstream = call != "build_request";
-        let status = upstream_status
-            .filter(|s| !(200..300).contains(s))
-            .or(e.status)
-            .filter(|s| (100..=599).contains(s));
-        if from_upstream && matches!(status, Some(401 | 403)) {
-            class = GuestErrorClass::Auth;
-        }
-        let message = redact(&e.message);
-        if class == GuestErrorClass::Auth {
-            self.host.metrics.upstream_auth_failure(&ctx.channel);
-            tracing::error!(
-                channel = %ctx.channel,
-                plugin = %self.name,
-                call,
-                upstream_status = status,
-                detail = %message,
-                "the provider refused the channel's credential: check or rotate the key in the \
-                 environment variable the channel names"
-            );
-        }
-        PluginError::Guest {
-            plugin: self.name.to_string(),
-            class,
-            message,
-            status,
-            retry_after_ms: e.retry_after_ms,
-            from_upstream,
-        }
+        guest_error(&self.host, &self.name, ctx, call, e, upstream_status)
     }
 
     fn bad_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
@@ -183,38 +145,7 @@ impl Session {
         })?;
         match out {
             Err(e) => Err(self.guest_error(ctx, "build_request", e, None)),
-            Ok(wtypes::Outbound::Send(req)) => {
-                let method = http::Method::from_bytes(req.method.as_bytes())
-                    .map_err(|_| self.bad_output("build_request", "invalid HTTP method"))?;
-                crate::upstream::guard::check_path(&req.path)
-                    .map_err(|why| self.bad_output("build_request", why.0))?;
-                let mut headers = http::HeaderMap::new();
-                for h in req.headers {
-                    let name = http::HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| self.bad_output("build_request", "invalid header name"))?;
-                    crate::upstream::guard::check_header(name.as_str())
-                        .map_err(|why| self.bad_output("build_request", why.0))?;
-                    let value = http::HeaderValue::from_str(&h.value)
-                        .map_err(|_| self.bad_output("build_request", "invalid header value"))?;
-                    headers.append(name, value);
-                }
-                Ok(Outbound::Send(OutboundRequest {
-                    method,
-                    path: req.path,
-                    headers,
-                    body: req.body,
-                    stream: req.stream,
-                }))
-            }
-            Ok(wtypes::Outbound::Answer(resp)) => Ok(Outbound::Answer(InboundResponse {
-                status: resp.status,
-                headers: resp
-                    .headers
-                    .into_iter()
-                    .map(|h| (h.name, h.value))
-                    .collect(),
-                body: resp.body,
-            })),
+            Ok(out) => checked_outbound(&self.host, &self.name, "build_request", out),
         }
     }
 
@@ -277,6 +208,107 @@ impl Session {
     /// A parse failure of the plugin's output detected by the host.
     pub fn reject_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
         self.bad_output(call, detail)
+    }
+}
+
+/// A guest's error, with its message redacted. `upstream_status` is the status the host
+/// itself saw (for `parse_response`). A 401 or 403 is the upstream refusing the channel's
+/// credential whatever class the plugin chose: counted per channel and logged for the operator.
+pub(super) fn guest_error(
+    host: &HostCore,
+    name: &str,
+    ctx: &ChannelContext,
+    call: &'static str,
+    e: wtypes::PluginError,
+    upstream_status: Option<u16>,
+) -> PluginError {
+    let mut class = match e.class {
+        wtypes::ErrorClass::InvalidRequest => GuestErrorClass::InvalidRequest,
+        wtypes::ErrorClass::RateLimited => GuestErrorClass::RateLimited,
+        wtypes::ErrorClass::Auth => GuestErrorClass::Auth,
+        wtypes::ErrorClass::ContentRefused => GuestErrorClass::ContentRefused,
+        wtypes::ErrorClass::NotFound => GuestErrorClass::NotFound,
+        wtypes::ErrorClass::Upstream => GuestErrorClass::Upstream,
+    };
+    let from_upstream = !call.starts_with("build_");
+    let status = upstream_status
+        .filter(|s| !(200..300).contains(s))
+        .or(e.status)
+        .filter(|s| (100..=599).contains(s));
+    if from_upstream && matches!(status, Some(401 | 403)) {
+        class = GuestErrorClass::Auth;
+    }
+    let message = redact(&e.message);
+    if class == GuestErrorClass::Auth {
+        host.metrics.upstream_auth_failure(&ctx.channel);
+        tracing::error!(
+            channel = %ctx.channel,
+            plugin = %name,
+            call,
+            upstream_status = status,
+            detail = %message,
+            "the provider refused the channel's credential: check or rotate the key in the \
+             environment variable the channel names"
+        );
+    }
+    PluginError::Guest {
+        plugin: name.to_string(),
+        class,
+        message,
+        status,
+        retry_after_ms: e.retry_after_ms,
+        from_upstream,
+    }
+}
+
+/// A request a plugin built (`build_*`), checked: a valid method, a path that stays under the
+/// channel's base URL, and no header the host owns. Anything else is the plugin's bad output.
+pub(super) fn checked_outbound(
+    host: &HostCore,
+    name: &str,
+    call: &'static str,
+    out: wtypes::Outbound,
+) -> Result<Outbound, PluginError> {
+    let bad = |detail: &str| {
+        let err = PluginError::BadOutput {
+            plugin: name.to_string(),
+            call,
+            detail: detail.into(),
+        };
+        host.metrics.plugin_failure(name, call, err.reason());
+        err
+    };
+    match out {
+        wtypes::Outbound::Send(req) => {
+            let method = http::Method::from_bytes(req.method.as_bytes())
+                .map_err(|_| bad("invalid HTTP method"))?;
+            crate::upstream::guard::check_path(&req.path).map_err(|why| bad(why.0))?;
+            let mut headers = http::HeaderMap::new();
+            for h in req.headers {
+                let name = http::HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| bad("invalid header name"))?;
+                crate::upstream::guard::check_header(name.as_str()).map_err(|why| bad(why.0))?;
+                let value = http::HeaderValue::from_str(&h.value)
+                    .map_err(|_| bad("invalid header value"))?;
+                headers.append(name, value);
+            }
+            Ok(Outbound::Send(OutboundRequest {
+                method,
+                path: req.path,
+                headers,
+                body: req.body,
+                stream: req.stream,
+            }))
+        }
+        wtypes::Outbound::Answer(resp) => Ok(Outbound::Answer(InboundResponse {
+            status: resp.status,
+            headers: resp
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
+            body: resp.body,
+        })),
     }
 }
 

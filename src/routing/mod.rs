@@ -46,6 +46,8 @@ pub struct Route {
     pub free: bool,
     /// Callable with no key (`auth.anonymous_models`): unbilled.
     pub anonymous: bool,
+    /// Async tasks of this model time out after this long (`None`: `tasks.deadline`).
+    pub task_deadline: Option<std::time::Duration>,
 }
 
 impl Route {
@@ -207,6 +209,7 @@ fn build(routes: &RoutesConfig) -> Catalog {
                     price: m.price,
                     free: m.free,
                     anonymous: routes.anonymous_models.contains(&m.name),
+                    task_deadline: m.task_deadline,
                 },
             ))
         })

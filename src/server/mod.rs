@@ -4,6 +4,7 @@
 //! JSON and call no upstream themselves.
 
 pub mod listen;
+mod tasks;
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -51,6 +52,12 @@ pub fn public_routes() -> Router<SharedState> {
             post(pipeline_handler::<embeddings::Embeddings>),
         )
         .route(images::ROUTE, post(pipeline_handler::<images::Images>))
+        .route(
+            pipeline::tasks::ROUTE,
+            post(pipeline_handler::<pipeline::tasks::Tasks>),
+        )
+        .route("/v1/tasks/{id}", get(tasks::get_task))
+        .route("/v1/files/{*key}", get(tasks::get_file))
         .route(models::ROUTE, get(list_models))
         .route("/v1/balance", get(balance))
         .route("/v1/usage", get(usage))
@@ -176,7 +183,7 @@ async fn pipeline_handler<R: Route>(
         Ok(v) => v,
         Err(e) => {
             st.metrics.request(route, "unknown", "none", e.kind());
-            return e.into_response();
+            return e.respond(R::ERRORS);
         }
     };
     // Only configured names become label values (a closed set); anything else is "unknown".
@@ -202,7 +209,7 @@ async fn pipeline_handler<R: Route>(
         }
         Err(e) => {
             st.metrics.request(route, model_label, "none", e.kind());
-            e.into_response()
+            e.respond(R::ERRORS)
         }
     }
 }

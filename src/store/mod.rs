@@ -144,6 +144,73 @@ CREATE INDEX ledger_account ON ledger(account_id, created_at);
         3,
         Migration::Portable("ALTER TABLE ledger ADD COLUMN overrun BIGINT NOT NULL DEFAULT 0"),
     ),
+    // The async task API: tasks (stored before the client learns the id, driven step by step
+    // under a lease), their callback deliveries, per-account webhook secrets, and the gateway's
+    // own settings shared by every instance (the key that signs download links).
+    (
+        4,
+        Migration::Portable(
+            r#"
+CREATE TABLE tasks (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    input TEXT NOT NULL,
+    callback_url TEXT,
+    status TEXT NOT NULL,
+    progress BIGINT,
+    job_id TEXT,
+    upstream_outputs TEXT,
+    outputs TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    reserved BIGINT NOT NULL,
+    price TEXT NOT NULL,
+    hold_id TEXT,
+    cost BIGINT,
+    images BIGINT NOT NULL DEFAULT 0,
+    seconds BIGINT NOT NULL DEFAULT 0,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    polls BIGINT NOT NULL DEFAULT 0,
+    next_at BIGINT NOT NULL,
+    deadline_at BIGINT NOT NULL,
+    lease_owner TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    status_since BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    finished_at BIGINT,
+    callback_state TEXT NOT NULL DEFAULT 'none',
+    callback_attempts BIGINT NOT NULL DEFAULT 0,
+    callback_next_at BIGINT NOT NULL DEFAULT 0,
+    callback_lease_until BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX tasks_due ON tasks(status, next_at);
+CREATE INDEX tasks_callbacks_due ON tasks(callback_state, callback_next_at);
+CREATE INDEX tasks_account ON tasks(account_id, created_at);
+CREATE TABLE task_deliveries (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    attempt BIGINT NOT NULL,
+    status BIGINT,
+    outcome TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE INDEX task_deliveries_task ON task_deliveries(task_id, attempt);
+CREATE TABLE webhook_secrets (
+    account_id TEXT PRIMARY KEY REFERENCES accounts(id),
+    secret TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE gateway_settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+)
+"#,
+        ),
+    ),
 ];
 
 /// Milliseconds since the Unix epoch.

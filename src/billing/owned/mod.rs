@@ -282,8 +282,9 @@ impl Owned {
         id: &str,
         amount: Credits,
         request: bool,
+        force: bool,
     ) -> Result<Result<(), Credits>, BillingError> {
-        let need_active = request;
+        let need_active = request && !force;
         for attempt in 0..2 {
             let decision =
                 self.accounts
@@ -293,7 +294,7 @@ impl Owned {
                                 .balance
                                 .saturating_sub(s.unmoved)
                                 .saturating_sub(s.reserved);
-                            if (s.active || !need_active) && free >= amount.0 {
+                            if force || ((s.active || !need_active) && free >= amount.0) {
                                 s.reserved = s.reserved.saturating_add(amount.0);
                                 s.open.insert(
                                     id.to_string(),
@@ -419,7 +420,7 @@ impl Reservations for Owned {
             });
         }
         match self
-            .hold(&hold.account_id, &hold.id, hold.amount, true)
+            .hold(&hold.account_id, &hold.id, hold.amount, true, false)
             .await?
         {
             Ok(()) => {
@@ -430,6 +431,25 @@ impl Reservations for Owned {
                 estimate: hold.amount,
             }),
         }
+    }
+
+    /// Like `reserve`, with no balance check and no backlog refusal: the work was accepted
+    /// before (an async task resumed after a restart).
+    async fn restore(&self, hold: &Hold) -> Result<(), BillingError> {
+        self.queue.pending.fetch_add(1, Ordering::SeqCst);
+        let mut place = Place {
+            queue: &self.queue,
+            kept: false,
+        };
+        // Forced: only a missing account refuses it.
+        if self
+            .hold(&hold.account_id, &hold.id, hold.amount, true, true)
+            .await?
+            .is_ok()
+        {
+            place.kept = true;
+        }
+        Ok(())
     }
 
     /// One append to the charge journal; the reservation is released whatever happens.
@@ -520,7 +540,7 @@ impl Reservations for Owned {
         }
         let held = adjustment == Adjustment::Debit;
         let id = format!("debit-{}", ulid::Ulid::new());
-        if held && let Err(free) = self.hold(account_id, &id, amount, false).await? {
+        if held && let Err(free) = self.hold(account_id, &id, amount, false, false).await? {
             return Ok(Err(Refusal::Overdraw { free }));
         }
         let post = Post {

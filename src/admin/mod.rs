@@ -28,6 +28,60 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/moderation", get(moderation_events))
         .route("/admin/keys/{id}/blocks", get(key_blocks))
         .route("/admin/policies/reload", post(reload_policies))
+        .route(
+            "/admin/accounts/{id}/webhook-secret",
+            get(webhook_secret),
+        )
+        .route("/admin/tasks/{id}", get(get_task))
+}
+
+/// `GET /admin/accounts/{id}/webhook-secret`: the secret that signs the account's task callbacks
+/// (made on first read), for the account's owner to verify them.
+async fn webhook_secret(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    accounts::get(&st.billing, &id).await?;
+    let secret = st
+        .tasks
+        .store
+        .webhook_secret(&id)
+        .await
+        .map_err(|e| AdminError::Billing(BillingError::Ledger(e)))?;
+    Ok(axum::Json(json!({"account_id": id, "secret": secret})).into_response())
+}
+
+/// `GET /admin/tasks/{id}`: a task as its owner sees it, with what only the operator sees: the
+/// account, the upstream job id, the reservation, and every callback delivery attempt.
+async fn get_task(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let store_err = |e| AdminError::Billing(BillingError::Ledger(e));
+    let t = st
+        .tasks
+        .store
+        .get(&id)
+        .await
+        .map_err(store_err)?
+        .ok_or(AdminError::NotFound)?;
+    let deliveries = st.tasks.store.deliveries(&id).await.map_err(store_err)?;
+    let mut v = st.tasks.view(&t);
+    v["account_id"] = json!(t.account_id);
+    v["key_id"] = json!(t.key_id);
+    v["job_id"] = json!(t.job_id);
+    v["reserved_picodollars"] = json!(t.reserved);
+    v["callback_url"] = json!(t.callback_url);
+    v["callback_state"] = json!(t.callback_state);
+    v["deliveries"] = deliveries
+        .into_iter()
+        .map(|(attempt, status, outcome)| json!({"attempt": attempt, "status": status, "outcome": outcome}))
+        .collect();
+    Ok(axum::Json(v).into_response())
 }
 
 /// Errors of the admin API, in OpenAI's error shape.

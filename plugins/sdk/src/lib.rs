@@ -1,7 +1,8 @@
 //! The tollgate plugin SDK: bindings for the `tollgate:plugin@0.1.0` worlds and the helpers that
 //! make a provider plugin a short file (JSON, errors from HTTP statuses, server-sent events).
 //!
-//! A provider plugin implements [`Provider`] and exports it:
+//! A provider plugin implements [`Provider`] and exports it (a provider of long-running jobs also
+//! implements [`Tasks`]: see [`tasks`] and the helpers in [`task`]):
 //!
 //! ```ignore
 //! use tollgate_plugin_sdk::*;
@@ -58,13 +59,14 @@ pub mod tasks {
 }
 
 pub mod openai;
+pub mod task;
 
 pub use policy::export_policy;
 pub use provider::export_provider;
+pub use tasks::export_tasks;
 pub use tasks::exports::tollgate::plugin::task_api::{
     Guest as Tasks, JobState, Submitted, TaskOutput,
 };
-pub use tasks::export_tasks;
 
 pub use policy::exports::tollgate::plugin::policy_api;
 pub use provider::exports::tollgate::plugin::provider_api::Guest as Provider;
@@ -73,6 +75,10 @@ pub use provider::tollgate::plugin::types::{
     ModelPrice, Outbound, PluginError, SseEvent, StreamOutput,
 };
 pub use serde_json;
+pub use task::{
+    bad_job_id, base64_encode, data_url, is_plain_id, job_failed, job_running, job_succeeded,
+    output_urls,
+};
 
 /// A JSON request for the host to send: `path` is appended to the channel's base URL.
 ///

@@ -15,7 +15,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Plugins compiled into the gateway binary.
-const BUNDLED: &[&str] = &["demo", "openai", "anthropic", "policy_secrets"];
+const BUNDLED: &[&str] = &[
+    "demo",
+    "openai",
+    "anthropic",
+    "replicate",
+    "bfl",
+    "policy_secrets",
+];
 
 fn main() {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
@@ -26,6 +33,8 @@ fn main() {
         "demo",
         "openai",
         "anthropic",
+        "replicate",
+        "bfl",
         "policy_secrets",
         "testguests",
         "Cargo.toml",

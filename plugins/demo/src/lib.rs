@@ -4,6 +4,12 @@
 //! hashed words, as floats or base64 as OpenAI's `encoding_format` asks) and images
 //! (`demo-image`: a small PNG whose colours come from the prompt, as `b64_json`, or as a `data:`
 //! URL when `response_format` is `url`).
+//!
+//! It is a task provider too (the `task-provider` world): a task for `demo-image` is answered at
+//! once, offline. The submission's job id carries what the picture depends on (`demo-<n>-<hash of
+//! the prompt and seed>`), since a plugin keeps nothing between calls; the job shows `running`
+//! with progress 0 after the submission, and the first poll finds it succeeded with `n` PNGs as
+//! `data:` URLs (the same pictures `/v1/images/generations` draws for that prompt without a seed).
 
 use tollgate_plugin_sdk::openai::{self, TextMessage};
 use tollgate_plugin_sdk::serde_json::{self, Value, json};
@@ -358,28 +364,6 @@ fn adler32(bytes: &[u8]) -> u32 {
     (b << 16) | a
 }
 
-/// Standard base64 with padding (RFC 4648), as OpenAI encodes `encoding_format: base64`.
-fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// A small stable hash for deterministic ids.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -387,4 +371,311 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Most pictures one demo task draws (`input.n`).
+const MAX_TASK_IMAGES: u64 = 4;
+
+/// What a demo task's picture depends on, carried in its job id: `demo-<n>-<16 hex digits>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DemoJob {
+    images: u64,
+    seed: u64,
+}
+
+impl DemoJob {
+    /// The job for a task's input: `prompt` (required), `seed` and `n` (optional).
+    fn for_input(input: &Value) -> Result<Self, PluginError> {
+        let prompt = input
+            .get("prompt")
+            .and_then(Value::as_str)
+            .ok_or_else(|| invalid_request("`input.prompt` is required"))?;
+        let images = match input.get("n") {
+            None | Some(Value::Null) => 1,
+            Some(n) => n
+                .as_u64()
+                .filter(|n| (1..=MAX_TASK_IMAGES).contains(n))
+                .ok_or_else(|| {
+                    invalid_request(format!("`input.n` must be 1 to {MAX_TASK_IMAGES}"))
+                })?,
+        };
+        // Without a seed, the picture `/v1/images/generations` draws for the same prompt.
+        let seed = match input.get("seed") {
+            None | Some(Value::Null) => fnv1a(prompt.as_bytes()),
+            Some(Value::Number(n)) => fnv1a(format!("{prompt}\0{n}").as_bytes()),
+            Some(_) => return Err(invalid_request("`input.seed` must be a number")),
+        };
+        Ok(Self { images, seed })
+    }
+
+    fn id(self) -> String {
+        format!("demo-{}-{:016x}", self.images, self.seed)
+    }
+
+    fn parse(id: &str) -> Option<Self> {
+        let (images, seed) = id.strip_prefix("demo-")?.split_once('-')?;
+        let images = images
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_TASK_IMAGES).contains(n))?;
+        if seed.len() != 16 {
+            return None;
+        }
+        let seed = u64::from_str_radix(seed, 16).ok()?;
+        Some(Self { images, seed })
+    }
+}
+
+/// The demo's own job shape, as an upstream would answer: `{id, status: running | succeeded,
+/// progress, output: [{url, content_type}]}`.
+fn job_state(body: &Value) -> Result<JobState, PluginError> {
+    match body.get("status").and_then(Value::as_str) {
+        Some("running") => Ok(job_running(
+            body.get("progress")
+                .and_then(Value::as_u64)
+                .map(|p| p.min(100) as u8),
+        )),
+        Some("succeeded") => {
+            let outputs: Vec<TaskOutput> = body
+                .get("output")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|o| {
+                    Some(TaskOutput {
+                        url: o.get("url")?.as_str()?.to_string(),
+                        content_type: o
+                            .get("content_type")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                    })
+                })
+                .collect();
+            if outputs.is_empty() {
+                return Ok(job_failed(ErrorClass::Upstream, "no output"));
+            }
+            Ok(JobState::Succeeded(outputs))
+        }
+        other => Err(upstream_error(format!("unknown job status {other:?}"))),
+    }
+}
+
+fn json_answer(status: u16, body: &Value) -> Outbound {
+    Outbound::Answer(HttpResponse {
+        status,
+        headers: vec![header("content-type", "application/json")],
+        body: body.to_string().into_bytes(),
+    })
+}
+
+impl Tasks for Demo {
+    fn build_submit(
+        _ctx: ChannelContext,
+        kind: String,
+        input: String,
+    ) -> Result<Outbound, PluginError> {
+        if kind != "image" {
+            return Err(invalid_request(format!(
+                "the demo provider has no `{kind}` tasks"
+            )));
+        }
+        let input: Value = parse_request(&input)?;
+        if !input.is_object() {
+            return Err(invalid_request("`input` must be an object"));
+        }
+        let job = DemoJob::for_input(&input)?;
+        Ok(json_answer(
+            200,
+            &json!({"id": job.id(), "status": "running", "progress": 0}),
+        ))
+    }
+
+    fn parse_submit(
+        _ctx: ChannelContext,
+        _kind: String,
+        response: HttpResponse,
+    ) -> Result<Submitted, PluginError> {
+        if !(200..300).contains(&response.status) {
+            return Err(error_from_status(&response));
+        }
+        let body: Value = parse_upstream(&response.body)?;
+        let job_id = body
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| upstream_error("the submission's answer has no `id`"))?
+            .to_string();
+        Ok(Submitted {
+            job_id,
+            state: job_state(&body)?,
+        })
+    }
+
+    fn build_poll(_ctx: ChannelContext, job_id: String) -> Result<Outbound, PluginError> {
+        let Some(job) = DemoJob::parse(&job_id) else {
+            return Ok(json_answer(
+                404,
+                &json!({"error": {"message": "no such demo job", "code": "not_found"}}),
+            ));
+        };
+        let output: Vec<Value> = (0..job.images)
+            .map(|i| {
+                let png = gradient_png(job.seed.rotate_left(i as u32 * 8));
+                json!({"url": data_url("image/png", &png), "content_type": "image/png"})
+            })
+            .collect();
+        Ok(json_answer(
+            200,
+            &json!({"id": job_id, "status": "succeeded", "progress": 100, "output": output}),
+        ))
+    }
+
+    fn parse_poll(
+        _ctx: ChannelContext,
+        _job_id: String,
+        response: HttpResponse,
+    ) -> Result<JobState, PluginError> {
+        if !(200..300).contains(&response.status) {
+            return Err(error_from_status(&response));
+        }
+        job_state(&parse_upstream(&response.body)?)
+    }
+}
+
 tollgate_plugin_sdk::export_provider!(Demo);
+tollgate_plugin_sdk::export_tasks!(Demo);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ChannelContext {
+        ChannelContext {
+            channel: "demo".into(),
+            base_url: String::new(),
+            model: IMAGE_MODEL.into(),
+            options: Vec::new(),
+        }
+    }
+
+    fn answered(out: Outbound) -> HttpResponse {
+        match out {
+            Outbound::Answer(resp) => resp,
+            Outbound::Send(_) => panic!("the demo never sends"),
+        }
+    }
+
+    fn submit(input: Value) -> Submitted {
+        let resp = answered(Demo::build_submit(ctx(), "image".into(), input.to_string()).unwrap());
+        Demo::parse_submit(ctx(), "image".into(), resp).unwrap()
+    }
+
+    fn poll(job_id: &str) -> Result<JobState, PluginError> {
+        let resp = answered(Demo::build_poll(ctx(), job_id.into()).unwrap());
+        Demo::parse_poll(ctx(), job_id.into(), resp)
+    }
+
+    fn decode_base64(text: &str) -> Vec<u8> {
+        let value = |c: u8| match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            _ => 63,
+        };
+        let mut out = Vec::new();
+        for chunk in text.trim_end_matches('=').as_bytes().chunks(4) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, c)| n | (u32::from(value(*c)) << (18 - 6 * i)));
+            out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+        }
+        out
+    }
+
+    #[test]
+    fn a_task_is_running_after_submission_and_done_at_the_first_poll() {
+        let sub = submit(json!({"prompt": "a red fox", "n": 2}));
+        assert!(sub.job_id.starts_with("demo-2-"), "{}", sub.job_id);
+        assert!(matches!(sub.state, JobState::Running(Some(0))));
+        let JobState::Succeeded(outputs) = poll(&sub.job_id).unwrap() else {
+            panic!("expected success");
+        };
+        assert_eq!(outputs.len(), 2);
+        assert_ne!(outputs[0].url, outputs[1].url);
+        for out in &outputs {
+            assert_eq!(out.content_type.as_deref(), Some("image/png"));
+            let b64 = out.url.strip_prefix("data:image/png;base64,").unwrap();
+            let png = decode_base64(b64);
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+            assert!(
+                png.ends_with(&[0xae, 0x42, 0x60, 0x82]),
+                "IEND's CRC ends the file"
+            );
+        }
+    }
+
+    #[test]
+    fn the_job_id_depends_on_the_prompt_and_the_seed_only() {
+        let a = submit(json!({"prompt": "a red fox"})).job_id;
+        assert_eq!(
+            a,
+            submit(json!({"prompt": "a red fox", "size": "1024x1024"})).job_id
+        );
+        assert_ne!(a, submit(json!({"prompt": "a red fox", "seed": 7})).job_id);
+        assert_eq!(
+            submit(json!({"prompt": "a red fox", "seed": 7})).job_id,
+            submit(json!({"prompt": "a red fox", "seed": 7})).job_id
+        );
+        // Without a seed, the picture the images route draws for the prompt.
+        let JobState::Succeeded(outputs) = poll(&a).unwrap() else {
+            panic!("expected success");
+        };
+        let sync = answered(
+            Demo::build_request(
+                ctx(),
+                "image".into(),
+                json!({"prompt": "a red fox", "response_format": "url"}).to_string(),
+            )
+            .unwrap(),
+        );
+        let sync: Value = serde_json::from_slice(&sync.body).unwrap();
+        assert_eq!(sync["data"][0]["url"], outputs[0].url);
+    }
+
+    #[test]
+    fn bad_inputs_and_kinds_are_the_clients_mistake() {
+        for input in [
+            json!({}),
+            json!({"prompt": 3}),
+            json!({"prompt": "x", "n": 0}),
+            json!({"prompt": "x", "n": 5}),
+            json!({"prompt": "x", "seed": "7"}),
+            json!(["prompt"]),
+        ] {
+            let Err(e) = Demo::build_submit(ctx(), "image".into(), input.to_string()) else {
+                panic!("{input} was accepted");
+            };
+            assert_eq!(e.class, ErrorClass::InvalidRequest, "{input}");
+        }
+        let Err(e) = Demo::build_submit(ctx(), "video".into(), r#"{"prompt":"x"}"#.into()) else {
+            panic!("video was accepted");
+        };
+        assert_eq!(e.class, ErrorClass::InvalidRequest);
+    }
+
+    #[test]
+    fn an_unknown_job_is_not_found() {
+        for id in ["nope", "demo-9-0000000000000000", "demo-1-xyz", "demo-1-00"] {
+            let e = poll(id).unwrap_err();
+            assert_eq!(e.class, ErrorClass::NotFound, "{id}");
+            assert_eq!(e.status, Some(404));
+        }
+    }
+
+    #[test]
+    fn the_manifest_still_lists_the_sync_models() {
+        let m = Demo::describe();
+        let ids: Vec<&str> = m.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, [MODEL, IMAGE_MODEL, EMBED_MODEL]);
+        assert!(m.kinds.iter().any(|k| k == "image"));
+    }
+}

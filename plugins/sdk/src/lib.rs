@@ -1,7 +1,8 @@
 //! The tollgate plugin SDK: bindings for the `tollgate:plugin@0.1.0` worlds and the helpers that
 //! make a provider plugin a short file (JSON, errors from HTTP statuses, server-sent events).
 //!
-//! A provider plugin implements [`Provider`] and exports it:
+//! A provider plugin implements [`Provider`] and exports it (a provider of long-running jobs also
+//! implements [`Tasks`]: see [`tasks`] and the helpers in [`task`]):
 //!
 //! ```ignore
 //! use tollgate_plugin_sdk::*;
@@ -58,13 +59,14 @@ pub mod tasks {
 }
 
 pub mod openai;
+pub mod task;
 
 pub use policy::export_policy;
 pub use provider::export_provider;
+pub use tasks::export_tasks;
 pub use tasks::exports::tollgate::plugin::task_api::{
     Guest as Tasks, JobState, Submitted, TaskOutput,
 };
-pub use tasks::export_tasks;
 
 pub use policy::exports::tollgate::plugin::policy_api;
 pub use provider::exports::tollgate::plugin::provider_api::Guest as Provider;
@@ -73,6 +75,10 @@ pub use provider::tollgate::plugin::types::{
     ModelPrice, Outbound, PluginError, SseEvent, StreamOutput,
 };
 pub use serde_json;
+pub use task::{
+    bad_job_id, base64_encode, data_url, is_plain_id, job_failed, job_running, job_succeeded,
+    output_urls,
+};
 
 /// A JSON request for the host to send: `path` is appended to the channel's base URL.
 ///
@@ -170,7 +176,8 @@ pub fn parse_upstream<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, 
 }
 
 /// Map a failed upstream response to an error class, with the upstream's own message when it
-/// uses OpenAI's `{"error": {"message"}}` shape (or a top-level `message`). The host keeps that
+/// uses OpenAI's `{"error": {"message"}}` shape (or a top-level `message`, or a `detail` as
+/// problem-details and FastAPI bodies carry: see [`detail_message`]). The host keeps that
 /// message for its log only (redacted); the client gets the gateway's words for the class.
 pub fn error_from_status(resp: &HttpResponse) -> PluginError {
     let status = resp.status;
@@ -184,7 +191,9 @@ pub fn error_from_status(resp: &HttpResponse) -> PluginError {
                 .map(str::to_string)
         })
     };
-    let message = field("message").unwrap_or_else(|| format!("upstream answered HTTP {status}"));
+    let message = field("message")
+        .or_else(|| parsed.as_ref().and_then(detail_message))
+        .unwrap_or_else(|| format!("upstream answered HTTP {status}"));
     let code = field("code").unwrap_or_default();
     let class = match status {
         429 => ErrorClass::RateLimited,
@@ -201,6 +210,43 @@ pub fn error_from_status(resp: &HttpResponse) -> PluginError {
         message,
         status: Some(status),
         retry_after_ms: retry_after_ms(&resp.headers),
+    }
+}
+
+/// The `detail` of an error body: a string (RFC 9457 problem details, as Replicate answers, or
+/// FastAPI's `HTTPException`), or FastAPI's validation list `[{loc, msg, type}]` (its messages,
+/// joined); else the problem's `title`.
+pub fn detail_message(body: &serde_json::Value) -> Option<String> {
+    match body.get("detail") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(items)) => {
+            let msgs: Vec<String> = items
+                .iter()
+                .filter_map(|i| {
+                    let msg = i.get("msg")?.as_str()?;
+                    let at = i
+                        .get("loc")
+                        .and_then(|l| l.as_array())
+                        .map(|l| {
+                            l.iter()
+                                .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
+                                .collect::<Vec<_>>()
+                                .join(".")
+                        })
+                        .unwrap_or_default();
+                    Some(if at.is_empty() {
+                        msg.to_string()
+                    } else {
+                        format!("{at}: {msg}")
+                    })
+                })
+                .collect();
+            (!msgs.is_empty()).then(|| msgs.join("; "))
+        }
+        _ => body
+            .get("title")
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
     }
 }
 
@@ -281,6 +327,25 @@ mod tests {
             error_from_status(&resp(400, vec![], "{}")).class,
             ErrorClass::InvalidRequest
         );
+    }
+
+    #[test]
+    fn detail_bodies_give_their_message() {
+        let e = error_from_status(&resp(
+            401,
+            vec![],
+            r#"{"title":"Unauthenticated","detail":"You did not pass a valid authentication token","status":401}"#,
+        ));
+        assert_eq!(e.message, "You did not pass a valid authentication token");
+        let e = error_from_status(&resp(
+            422,
+            vec![],
+            r#"{"detail":[{"loc":["body","width"],"msg":"Input should be a multiple of 32","type":"value_error"}]}"#,
+        ));
+        assert_eq!(e.class, ErrorClass::InvalidRequest);
+        assert_eq!(e.message, "body.width: Input should be a multiple of 32");
+        let e = error_from_status(&resp(403, vec![], r#"{"title":"Forbidden"}"#));
+        assert_eq!(e.message, "Forbidden");
     }
 
     #[test]

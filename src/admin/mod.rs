@@ -28,10 +28,7 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/moderation", get(moderation_events))
         .route("/admin/keys/{id}/blocks", get(key_blocks))
         .route("/admin/policies/reload", post(reload_policies))
-        .route(
-            "/admin/accounts/{id}/webhook-secret",
-            get(webhook_secret),
-        )
+        .route("/admin/accounts/{id}/webhook-secret", get(webhook_secret))
         .route("/admin/tasks/{id}", get(get_task))
 }
 

@@ -115,7 +115,10 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
     if caller.is_none() {
         return Err(AuthError::Missing.into());
     }
-    let admitted = super::admission::admit(st, caller, call).await?;
+    let mut admitted = super::admission::admit(st, caller, call).await?;
+    // The task id names everything from here on: the moderation record, the reservation, and
+    // the one charge the ledger takes for it (whichever gateway settles, however often).
+    admitted.call.request_id = st.tasks.new_id();
     let pick = &admitted.pick;
     if !pick.plugin.has_tasks() {
         return Err(ApiError::invalid(
@@ -162,7 +165,7 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
         .unwrap_or_default();
     let now = now_ms();
     let task = crate::tasks::Task {
-        id: st.tasks.new_id(),
+        id: a.call.request_id.clone(),
         account_id: caller.account_id.clone(),
         key_id: caller.key_id.clone(),
         model: a.call.model.clone(),

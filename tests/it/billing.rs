@@ -58,7 +58,7 @@ macro_rules! on_both_stores {
 }
 
 /// A fresh schema in the machine's PostgreSQL (database `test`), as a database URL.
-async fn postgres_url() -> String {
+pub(crate) async fn postgres_url() -> String {
     let schema = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
     let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/test")
         .await
@@ -461,7 +461,7 @@ async fn failures_cost_nothing_and_a_stream_is_charged_once_after_it_ends(store:
 // Real processes: PostgreSQL shared by two gateways, and kill -9.
 // ---------------------------------------------------------------------------------------------
 
-struct Proc(std::process::Child);
+pub(crate) struct Proc(pub std::process::Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -470,13 +470,15 @@ impl Drop for Proc {
     }
 }
 
-fn spawn_gateway(config: &std::path::Path) -> (Proc, String) {
+pub(crate) fn spawn_gateway(config: &std::path::Path) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--config"])
         .arg(config)
         .env("TOLLGATE__LOG__JSON", "true")
         .env("TOLLGATE__LOG__FILTER", "info")
         .env("MOCK_KEY", "sk-test-secret")
+        .env("REPLICATE_KEY", crate::task_mocks::REPLICATE_KEY)
+        .env("BFL_KEY", crate::task_mocks::BFL_KEY)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -494,12 +496,14 @@ fn spawn_gateway(config: &std::path::Path) -> (Proc, String) {
     (Proc(child), format!("http://{addr}"))
 }
 
-fn cli(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
+pub(crate) fn cli(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .arg("--config")
         .arg(config)
         .env("MOCK_KEY", "sk-test-secret")
+        .env("REPLICATE_KEY", crate::task_mocks::REPLICATE_KEY)
+        .env("BFL_KEY", crate::task_mocks::BFL_KEY)
         .output()
         .unwrap();
     assert!(
@@ -1470,6 +1474,8 @@ fn the_cli_issues_keys_with_limits_and_refuses_bad_ones() {
         .args(["--tokens-per-minute", "0", "--config"])
         .arg(&config)
         .env("MOCK_KEY", "sk-test-secret")
+        .env("REPLICATE_KEY", crate::task_mocks::REPLICATE_KEY)
+        .env("BFL_KEY", crate::task_mocks::BFL_KEY)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -1484,6 +1490,8 @@ fn cli_refused(config: &std::path::Path, args: &[&str]) -> String {
         .arg("--config")
         .arg(config)
         .env("MOCK_KEY", "sk-test-secret")
+        .env("REPLICATE_KEY", crate::task_mocks::REPLICATE_KEY)
+        .env("BFL_KEY", crate::task_mocks::BFL_KEY)
         .output()
         .unwrap();
     assert!(!out.status.success(), "{args:?} was accepted");

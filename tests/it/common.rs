@@ -525,6 +525,11 @@ pub fn test_env() -> BTreeMap<String, String> {
     BTreeMap::from([
         ("MOCK_KEY".to_string(), "sk-test-secret".to_string()),
         ("TOLLGATE_ADMIN_TOKEN".to_string(), ADMIN_TOKEN.to_string()),
+        (
+            "REPLICATE_KEY".to_string(),
+            crate::task_mocks::REPLICATE_KEY.to_string(),
+        ),
+        ("BFL_KEY".to_string(), crate::task_mocks::BFL_KEY.to_string()),
     ])
 }
 

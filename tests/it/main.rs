@@ -14,4 +14,5 @@ mod openai_sdk;
 mod policy;
 mod pricing;
 mod sandbox;
+mod task_mocks;
 mod tidy;

@@ -14,5 +14,8 @@ mod openai_sdk;
 mod policy;
 mod pricing;
 mod sandbox;
+mod task_mocks;
 mod tasks;
+mod tasks_process;
+mod tasks_upstream;
 mod tidy;

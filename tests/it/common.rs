@@ -529,7 +529,10 @@ pub fn test_env() -> BTreeMap<String, String> {
             "REPLICATE_KEY".to_string(),
             crate::task_mocks::REPLICATE_KEY.to_string(),
         ),
-        ("BFL_KEY".to_string(), crate::task_mocks::BFL_KEY.to_string()),
+        (
+            "BFL_KEY".to_string(),
+            crate::task_mocks::BFL_KEY.to_string(),
+        ),
     ])
 }
 

@@ -51,7 +51,10 @@ log: {{ filter: info, json: true }}
 fn funded_key(config: &std::path::Path, name: &str) -> String {
     cli(config, &["accounts", "create", name]);
     cli(config, &["credits", "add", name, "1"]);
-    cli(config, &["keys", "create", "--account", name, "--name", "k"])["key"]
+    cli(
+        config,
+        &["keys", "create", "--account", name, "--name", "k"],
+    )["key"]
         .as_str()
         .unwrap()
         .to_string()
@@ -66,7 +69,10 @@ async fn submit(client: &reqwest::Client, base: &str, key: &str, model: &str, n:
         .await
         .unwrap();
     let body: Value = r.json().await.unwrap();
-    body["data"]["taskId"].as_str().unwrap_or_else(|| panic!("{body}")).to_string()
+    body["data"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_string()
 }
 
 async fn status(client: &reqwest::Client, base: &str, key: &str, id: &str) -> String {
@@ -97,7 +103,10 @@ async fn all_succeed(client: &reqwest::Client, base: &str, key: &str, ids: &[Str
         if pending.is_empty() {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "still running: {pending:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "still running: {pending:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -108,14 +117,23 @@ fn charged_once_each(config: &std::path::Path, account: &str, ids: &[String]) {
         config,
         &["credits", "ledger", "--account", account, "--limit", "1000"],
     );
-    let entries = ledger.as_array().or_else(|| ledger["data"].as_array()).unwrap().clone();
+    let entries = ledger
+        .as_array()
+        .or_else(|| ledger["data"].as_array())
+        .unwrap()
+        .clone();
     for id in ids {
         let charges: Vec<&Value> = entries
             .iter()
             .filter(|e| e["request_id"] == id.as_str() && e["kind"] == "charge")
             .collect();
         assert_eq!(charges.len(), 1, "task {id}: {charges:?}");
-        assert_eq!(charges[0]["amount"].as_i64().unwrap(), -PRICE, "{:?}", charges[0]);
+        assert_eq!(
+            charges[0]["amount"].as_i64().unwrap(),
+            -PRICE,
+            "{:?}",
+            charges[0]
+        );
     }
     let shown = cli(config, &["credits", "show", account]);
     assert_eq!(shown["reserved"], 0, "{shown}");
@@ -138,7 +156,10 @@ async fn kill_while_handling(db: &str, dir: &std::path::Path, rep: TaskMock) {
     // Every job submitted and polled at least once: the tasks are `handling`.
     let start = std::time::Instant::now();
     while rep.job_ids().len() < 6 || rep.job_ids().iter().any(|j| rep.polls_of(j) == 0) {
-        assert!(start.elapsed() < Duration::from_secs(20), "jobs not all polled");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "jobs not all polled"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for id in &ids {

@@ -20,8 +20,17 @@ async fn providers(rep: &TaskMock, bfl: &TaskMock, tasks: &str) -> TestGateway {
     );
     let mut models = String::new();
     for s in [
-        "ok", "ok-0", "fail", "refused", "never", "ratelimit", "ratelimit-poll", "broken-output",
-        "wrong-type", "oversized", "unauthorized",
+        "ok",
+        "ok-0",
+        "fail",
+        "refused",
+        "never",
+        "ratelimit",
+        "ratelimit-poll",
+        "broken-output",
+        "wrong-type",
+        "oversized",
+        "unauthorized",
     ] {
         models.push_str(&format!(
             "  - {{ name: rep-{s}, channel: rep, upstream_model: mock/{s}, price: {{ per_image: 3000000000 }}, task_deadline: 3s }}\n"
@@ -48,8 +57,15 @@ async fn start() -> (TaskMock, TaskMock, TestGateway, String) {
     (rep, bfl, gw, key)
 }
 
-async fn run(gw: &TestGateway, key: &str, model: &str, input: Value) -> (String, Vec<String>, Value) {
-    let r = gw.submit(key, json!({"model": model, "input": input})).await;
+async fn run(
+    gw: &TestGateway,
+    key: &str,
+    model: &str,
+    input: Value,
+) -> (String, Vec<String>, Value) {
+    let r = gw
+        .submit(key, json!({"model": model, "input": input}))
+        .await;
     let status = r.status();
     let body: Value = r.json().await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -62,7 +78,13 @@ async fn run(gw: &TestGateway, key: &str, model: &str, input: Value) -> (String,
 async fn replicate_job_is_polled_archived_and_charged_with_the_credential_kept_host_side() {
     let (rep, _bfl, gw, key) = start().await;
     let (before, _) = gw.balance_pico(&key).await;
-    let (id, seen, data) = run(&gw, &key, "rep-ok", json!({"prompt": "a fox in snow", "num_outputs": 2})).await;
+    let (id, seen, data) = run(
+        &gw,
+        &key,
+        "rep-ok",
+        json!({"prompt": "a fox in snow", "num_outputs": 2}),
+    )
+    .await;
     assert_eq!(data["status"], "success", "{data}");
     assert!(seen.contains(&"handling".to_string()), "{seen:?}");
     assert!(rep.polls() >= 2, "polled {} times", rep.polls());
@@ -74,14 +96,29 @@ async fn replicate_job_is_polled_archived_and_charged_with_the_credential_kept_h
     for o in outputs {
         let url = o["url"].as_str().unwrap();
         assert!(url.starts_with(&gw.public));
-        let bytes = gw.client.get(url).send().await.unwrap().bytes().await.unwrap();
+        let bytes = gw
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         assert!(bytes.starts_with(b"\x89PNG"));
     }
-    assert_eq!(rep.downloads(), downloads, "served from our storage, not the provider");
+    assert_eq!(
+        rep.downloads(),
+        downloads,
+        "served from our storage, not the provider"
+    );
     // The credential reached the API, never the file host; the plugin never saw it (it is not
     // in any body the plugin built).
     let submit = rep.last("/v1/models/");
-    assert_eq!(submit.headers["authorization"], format!("Bearer {REPLICATE_KEY}"));
+    assert_eq!(
+        submit.headers["authorization"],
+        format!("Bearer {REPLICATE_KEY}")
+    );
     assert!(!submit.body.contains(REPLICATE_KEY));
     let file = rep.last("/files/");
     assert!(!file.headers.contains_key("authorization"));
@@ -99,7 +136,13 @@ async fn replicate_job_is_polled_archived_and_charged_with_the_credential_kept_h
 async fn bfl_job_succeeds_and_its_moderation_is_a_content_refusal() {
     let (_rep, bfl, gw, key) = start().await;
     let (before, _) = gw.balance_pico(&key).await;
-    let (_, _, data) = run(&gw, &key, "bfl-ok", json!({"prompt": "a paper boat", "aspect_ratio": "1:1"})).await;
+    let (_, _, data) = run(
+        &gw,
+        &key,
+        "bfl-ok",
+        json!({"prompt": "a paper boat", "aspect_ratio": "1:1"}),
+    )
+    .await;
     assert_eq!(data["status"], "success", "{data}");
     assert_eq!(bfl.last("/v1/ok").headers["x-key"], BFL_KEY);
     for model in ["bfl-refused", "bfl-refused-output"] {
@@ -132,7 +175,10 @@ async fn failed_timed_out_and_unarchivable_jobs_fail_and_cost_nothing() {
     // Nothing charged, nothing left reserved.
     assert_eq!(gw.balance_pico(&key).await, (before, 0));
     let m = gw.metrics().await;
-    assert!(m.contains("tollgate_tasks_total{model=\"rep-never\",status=\"fail\"} 1"), "{m}");
+    assert!(
+        m.contains("tollgate_tasks_total{model=\"rep-never\",status=\"fail\"} 1"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,5 +193,8 @@ async fn a_rate_limited_poll_is_retried_and_a_refused_credential_fails_without_c
     assert_eq!(gw.balance_pico(&key).await, (before, 0));
     // The operator sees the refused credential.
     let m = gw.metrics().await;
-    assert!(m.contains("tollgate_upstream_auth_failures_total{channel=\"rep\"}"), "{m}");
+    assert!(
+        m.contains("tollgate_upstream_auth_failures_total{channel=\"rep\"}"),
+        "{m}"
+    );
 }

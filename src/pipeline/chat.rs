@@ -90,13 +90,24 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
 
 #[tracing::instrument(name = "pipeline.chat", level = "debug", skip_all, fields(model = %call.model, stream = call.stream))]
 pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Served, ApiError> {
+    let request_id = call.request_id.clone();
     let admitted = admission::admit(st, caller, call).await?;
     let screened = screen::screen(st, admitted)?;
     let reserved = money::reserve(st, screened).await?;
     let d = dispatch::dispatch(st, reserved, &COMPLETION).await?;
     let reply = match d.answer {
-        Answer::Json { value, text } => {
-            let usage = value
+        Answer::Json { mut value, text } => {
+            // Inline images become links to our storage (and are billed per image).
+            let images = match super::media::archive_chat_images(st, &request_id, &mut value).await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    d.bill.release().await;
+                    return Err(e);
+                }
+            };
+            let text = if images > 0 { value.to_string() } else { text };
+            let mut usage = value
                 .as_object()
                 .and_then(usage_of)
                 .unwrap_or_else(|| Usage {
@@ -104,6 +115,7 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
                     completion_tokens: counted_completion_tokens(&value),
                     ..Usage::default()
                 });
+            usage.images = images;
             d.bill.settle_json(value, text, usage).await?
         }
         Answer::Stream(s) => {

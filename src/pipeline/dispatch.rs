@@ -128,6 +128,16 @@ pub async fn whole_json(
     usage_of: fn(&Value, &super::money::Estimate) -> crate::billing::Usage,
 ) -> Result<super::Served, ApiError> {
     let admitted = super::admission::admit(st, caller, call).await?;
+    whole_json_admitted(st, admitted, expect, usage_of).await
+}
+
+/// [`whole_json`] for a request already admitted (a route that looked at the pick first).
+pub async fn whole_json_admitted(
+    st: &AppState,
+    admitted: super::admission::Admitted,
+    expect: &Expect,
+    usage_of: fn(&Value, &super::money::Estimate) -> crate::billing::Usage,
+) -> Result<super::Served, ApiError> {
     let screened = super::screen::screen(st, admitted)?;
     let reserved = super::money::reserve(st, screened).await?;
     let d = dispatch(st, reserved, expect).await?;

@@ -20,6 +20,7 @@ pub mod chat;
 pub mod dispatch;
 pub mod embeddings;
 pub mod images;
+pub mod media;
 pub mod models;
 pub mod money;
 pub mod relay;

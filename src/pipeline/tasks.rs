@@ -17,6 +17,7 @@ use crate::auth::{AuthError, Caller};
 use crate::error::{ApiError, ErrorShape};
 use crate::store::now_ms;
 
+use super::admission::Admitted;
 use super::{Body, Call, Need, Reply, Served, money};
 
 pub const ROUTE: &str = "/v1/tasks";
@@ -112,28 +113,8 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
 
 #[tracing::instrument(name = "pipeline.tasks", level = "debug", skip_all, fields(model = %call.model))]
 pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Served, ApiError> {
-    if caller.is_none() {
-        return Err(AuthError::Missing.into());
-    }
-    let mut admitted = super::admission::admit(st, caller, call).await?;
-    // The task id names everything from here on: the moderation record, the reservation, and
-    // the one charge the ledger takes for it (whichever gateway settles, however often).
-    admitted.call.request_id = st.tasks.new_id();
-    let pick = &admitted.pick;
-    if !pick.plugin.has_tasks() {
-        return Err(ApiError::invalid(
-            format!(
-                "the model `{}` does not run as a task; use its synchronous route",
-                admitted.call.model
-            ),
-            Some("model"),
-        ));
-    }
-    let kind = pick
-        .model_info()
-        .and_then(|m| KINDS.iter().find(|k| m.kinds.iter().any(|mk| mk == *k)))
-        .copied()
-        .unwrap_or("image");
+    let admitted = super::admission::admit(st, caller, call).await?;
+    let kind = task_kind(&admitted)?;
     let callback_url = admitted
         .call
         .body
@@ -149,7 +130,58 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
         )
         .map_err(|why| ApiError::invalid(why, Some("callback")))?;
     }
-    let deadline_at = st.tasks.deadline_for(pick.route.task_deadline);
+    let input = admitted
+        .call
+        .body
+        .field("input")
+        .map(Value::to_string)
+        .unwrap_or_default();
+    let (id, provider) = enqueue(st, admitted, kind, input, callback_url).await?;
+    Ok(Served {
+        reply: Reply::Json {
+            body: json!({"code": 200, "message": "success", "data": {"taskId": id}}).to_string(),
+            cost: None,
+        },
+        provider,
+    })
+}
+
+/// The kind of task an admitted call's model runs ("image", "video", "music", "speech"), or a
+/// 400 if its provider has no task API.
+pub(super) fn task_kind(admitted: &Admitted) -> Result<&'static str, ApiError> {
+    let pick = &admitted.pick;
+    if !pick.plugin.has_tasks() {
+        return Err(ApiError::invalid(
+            format!(
+                "the model `{}` does not run as a task; use its synchronous route",
+                admitted.call.model
+            ),
+            Some("model"),
+        ));
+    }
+    Ok(pick
+        .model_info()
+        .and_then(|m| KINDS.iter().find(|k| m.kinds.iter().any(|mk| mk == *k)))
+        .copied()
+        .unwrap_or("image"))
+}
+
+/// Screen, reserve and store a task for an admitted call (a key is required: a task belongs to
+/// an account); its id and the provider that will run it.
+pub(super) async fn enqueue(
+    st: &AppState,
+    mut admitted: Admitted,
+    kind: &str,
+    input: String,
+    callback_url: Option<String>,
+) -> Result<(String, String), ApiError> {
+    if admitted.caller.is_none() {
+        return Err(AuthError::Missing.into());
+    }
+    // The task id names everything from here on: the moderation record, the reservation, and
+    // the one charge the ledger takes for it (whichever gateway settles, however often).
+    admitted.call.request_id = st.tasks.new_id();
+    let deadline_at = st.tasks.deadline_for(admitted.pick.route.task_deadline);
     let screened = super::screen::screen(st, admitted)?;
     let reserved = money::reserve(st, screened).await?;
     let a = reserved.screened.admitted;
@@ -157,12 +189,6 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
         return Err(AuthError::Missing.into());
     };
     let provider = a.pick.plugin.name().to_string();
-    let input = a
-        .call
-        .body
-        .field("input")
-        .map(Value::to_string)
-        .unwrap_or_default();
     let now = now_ms();
     let task = crate::tasks::Task {
         id: a.call.request_id.clone(),
@@ -201,13 +227,7 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
         .create(task, reserved.hold)
         .await
         .map_err(|e| ApiError::Internal(format!("storing a task: {e}")))?;
-    Ok(Served {
-        reply: Reply::Json {
-            body: json!({"code": 200, "message": "success", "data": {"taskId": id}}).to_string(),
-            cost: None,
-        },
-        provider,
-    })
+    Ok((id, provider))
 }
 
 /// The route, for the server.

@@ -320,6 +320,28 @@ impl Tasks {
         v
     }
 
+    /// Wait until task `id` is final, at most `limit`; the task as it is then (`None`: gone).
+    pub async fn wait_final(
+        &self,
+        id: &str,
+        limit: std::time::Duration,
+    ) -> Result<Option<Task>, StoreError> {
+        let until = tokio::time::Instant::now() + limit;
+        let mut wait = std::time::Duration::from_millis(20);
+        loop {
+            let t = self.store.get(id).await?;
+            match &t {
+                Some(task) if !task.status.is_final() => {}
+                _ => return Ok(t),
+            }
+            if tokio::time::Instant::now() + wait > until {
+                return Ok(t);
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 3 / 2).min(std::time::Duration::from_millis(250));
+        }
+    }
+
     /// When a task submitted now times out.
     pub fn deadline_for(&self, model_deadline: Option<std::time::Duration>) -> i64 {
         let d = model_deadline.unwrap_or(self.config.deadline);

@@ -318,6 +318,19 @@ impl TaskStore {
         Ok(q.execute(&self.db.pool).await?.rows_affected() == 1)
     }
 
+    /// Give up on a task that is not final: its next step fails it (`deadline_at` 0 means
+    /// cancelled, whatever its status) and releases its reservation.
+    pub async fn cancel(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE tasks SET deadline_at = 0, next_at = 0 \
+             WHERE id = $1 AND status IN ('queued', 'handling', 'archiving')",
+        )
+        .bind(id)
+        .execute(&self.db.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Unfinished tasks and the reservations they hold (to hold again at start).
     pub async fn unfinished(&self) -> Result<Vec<Task>, StoreError> {
         let rows = sqlx::query(&format!(

@@ -117,7 +117,9 @@ enum Next {
 async fn step(st: &AppState, t: Task, channels: &Mutex<HashMap<String, Arc<Semaphore>>>) {
     let tasks = &st.tasks;
     let now = now_ms();
-    let next = if matches!(t.status, Status::Queued | Status::Handling) && now >= t.deadline_at {
+    let next = if t.deadline_at == 0 {
+        Next::Fail("cancelled", "the task was cancelled".into())
+    } else if matches!(t.status, Status::Queued | Status::Handling) && now >= t.deadline_at {
         Next::Fail(
             "timeout",
             "the provider did not finish the task before its deadline".into(),
@@ -398,6 +400,12 @@ async fn finish_step(st: &AppState, t: Task, next: Next) {
 
 async fn succeed(st: &AppState, t: Task, archived: Vec<Archived>, usage: Usage) {
     let tasks = &st.tasks;
+    // Cancelled while its outputs were being archived (the client was told it failed): no charge.
+    if let Ok(Some(now)) = tasks.store.get(&t.id).await
+        && now.deadline_at == 0
+    {
+        return fail(st, t, "cancelled", "the task was cancelled".into()).await;
+    }
     // Charge once: a restart between the charge and the task's `success` finds it in the ledger.
     let cost = match tasks.store.charged(&t.id).await {
         Ok(Some(c)) => Ok(c),

@@ -198,3 +198,71 @@ async fn a_rate_limited_poll_is_retried_and_a_refused_credential_fails_without_c
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_images_route_drives_an_async_provider_to_the_end() {
+    let (rep, _bfl, gw, key) = start().await;
+    let (before, _) = gw.balance_pico(&key).await;
+    let post = |body: Value| {
+        gw.client
+            .post(format!("{}/v1/images/generations", gw.public))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    // Links to the archived images, in OpenAI's shape, with the cost.
+    let r =
+        post(json!({"model": "rep-ok", "prompt": "a glass of water", "n": 2, "size": "1792x1024"}))
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-tollgate-cost"));
+    let v: Value = r.json().await.unwrap();
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2, "{v}");
+    for d in data {
+        let url = d["url"].as_str().unwrap();
+        assert!(url.starts_with(&gw.public), "{url}");
+        let png = gw
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+    }
+    assert_eq!(v["usage"]["cost_picodollars"], 6_000_000_000i64, "{v}");
+    // The job got the OpenAI fields as the provider's input.
+    let submit: Value = serde_json::from_str(&rep.last("/v1/models/").body).unwrap();
+    assert_eq!(submit["input"]["num_outputs"], 2);
+    assert_eq!(submit["input"]["aspect_ratio"], "16:9");
+    // Or their bytes.
+    let v: Value = post(
+        json!({"model": "rep-ok", "prompt": "a glass of water", "response_format": "b64_json"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    assert_eq!(gw.balance_pico(&key).await, (before - 9_000_000_000, 0));
+    // A job that fails is a provider error in OpenAI's body; a content refusal is a 400; nothing
+    // is charged for either.
+    let r = post(json!({"model": "rep-fail", "prompt": "a glass of water"}))
+        .await
+        .unwrap();
+    assert_openai_error(r, 502, "upstream_error").await;
+    let r = post(json!({"model": "bfl-refused", "prompt": "a glass of water"}))
+        .await
+        .unwrap();
+    assert_openai_error(r, 400, "content_policy_violation").await;
+    assert_eq!(gw.balance_pico(&key).await, (before - 9_000_000_000, 0));
+}

@@ -125,7 +125,8 @@ impl Provider for Bfl {
         Manifest {
             name: "bfl".into(),
             version: "0.1.0".into(),
-            kinds: vec!["image".into()],
+            // Nothing is translated synchronously: images run as tasks.
+            kinds: Vec::new(),
             auth: AuthScheme::CustomHeader("x-key".into()),
             models: MODELS.iter().map(model_info).collect(),
             config_keys: Vec::new(),
@@ -311,7 +312,7 @@ mod tests {
     fn the_manifest_declares_the_key_header_and_priced_models() {
         let m = Bfl::describe();
         assert_eq!(m.name, "bfl");
-        assert_eq!(m.kinds, ["image"]);
+        assert!(m.kinds.is_empty(), "tasks only");
         assert!(matches!(&m.auth, AuthScheme::CustomHeader(h) if h == "x-key"));
         let pro = m.models.iter().find(|m| m.id == "flux-pro-1.1").unwrap();
         assert_eq!(pro.price.unwrap().per_image, 40_000_000_000, "$0.04");

@@ -210,7 +210,9 @@ impl Provider for Replicate {
         Manifest {
             name: "replicate".into(),
             version: "0.1.0".into(),
-            kinds: KINDS.iter().map(|k| (*k).into()).collect(),
+            // Nothing is translated synchronously: every kind runs as a task (the models say
+            // what they produce).
+            kinds: Vec::new(),
             auth: AuthScheme::Bearer,
             models: MODELS.iter().map(model_info).collect(),
             config_keys: Vec::new(),
@@ -401,7 +403,7 @@ mod tests {
     fn the_manifest_declares_bearer_auth_and_priced_models() {
         let m = Replicate::describe();
         assert_eq!(m.name, "replicate");
-        assert_eq!(m.kinds, ["image", "video", "music"]);
+        assert!(m.kinds.is_empty(), "tasks only");
         assert!(matches!(m.auth, AuthScheme::Bearer));
         let schnell = m
             .models

@@ -3,7 +3,12 @@
 //! reserved at submission and charged once on success (released otherwise), errors in the task
 //! body, and signed callbacks with retries.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::disallowed_methods
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -422,6 +427,32 @@ async fn callback_is_signed_and_retried_after_a_500() {
         // A tampered body does not verify.
         assert!(!verify(&secret, headers, &body.replace("success", "fail")));
     }
+    // The documented recipe (examples/verify_webhook.py) verifies a real delivery.
+    let (headers, body) = &got[0];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("body"), body).unwrap();
+    let hdrs: serde_json::Map<String, Value> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .iter()
+            .map(|h| (h.to_string(), json!(headers[*h].to_str().unwrap())))
+            .collect();
+    std::fs::write(dir.path().join("headers"), Value::Object(hdrs).to_string()).unwrap();
+    let script = format!(
+        "import json, sys; sys.path.insert(0, {examples:?}); from verify_webhook import verify; \
+         ok = verify({secret:?}, json.load(open({h:?})), open({b:?}, 'rb').read()); sys.exit(0 if ok else 1)",
+        examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples"),
+        h = dir.path().join("headers").display().to_string(),
+        b = dir.path().join("body").display().to_string(),
+    );
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let status = std::process::Command::new(python)
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "examples/verify_webhook.py rejects a real delivery"
+    );
     // Both attempts are recorded; the second delivered.
     wait_for("the delivery record", async || {
         let t: Value = gw

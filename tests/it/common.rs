@@ -533,6 +533,8 @@ pub fn test_env() -> BTreeMap<String, String> {
             "BFL_KEY".to_string(),
             crate::task_mocks::BFL_KEY.to_string(),
         ),
+        ("TEST_S3_ACCESS_KEY".to_string(), "test-access".to_string()),
+        ("TEST_S3_SECRET_KEY".to_string(), "test-secret".to_string()),
     ])
 }
 

@@ -525,3 +525,102 @@ async fn callback_to_a_private_address_is_refused_without_the_allow_list() {
         "{m}"
     );
 }
+
+/// A local S3-compatible server (moto's, from PyPI: tests/python/requirements.txt), killed on drop.
+struct S3Server(std::process::Child, u16);
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn s3_server() -> S3Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moto_server (pip install -r tests/python/requirements.txt)");
+    let server = S3Server(child, port);
+    let client = reqwest::Client::new();
+    wait_for("the S3 server", async || {
+        client
+            .get(format!("http://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_are_archived_in_an_s3_compatible_bucket() {
+    let s3 = s3_server().await;
+    let client = reqwest::Client::new();
+    let bucket = format!("http://127.0.0.1:{}/tollgate-outputs", s3.1);
+    assert!(
+        client
+            .put(&bucket)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let gw = gateway(
+        "",
+        "",
+        &format!(
+            "  storage: {{ s3_bucket: tollgate-outputs, s3_endpoint: \"http://127.0.0.1:{}\", s3_allow_http: true, s3_access_key_env: TEST_S3_ACCESS_KEY, s3_secret_key_env: TEST_S3_SECRET_KEY }}\n",
+            s3.1
+        ),
+    )
+    .await;
+    let (_a, key) = gw.admin_funded_key("bucketed", "1").await;
+    let r = gw
+        .submit(
+            &key,
+            json!({"model": "demo-image", "input": {"prompt": "a green door"}}),
+        )
+        .await;
+    let id = r.json::<Value>().await.unwrap()["data"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, data) = gw.finish(&key, &id).await;
+    assert_eq!(data["status"], "success", "{data}");
+    // The gateway's link serves it, and the object is in the bucket.
+    let url = data["output"][0]["url"].as_str().unwrap();
+    let via_gateway = gw
+        .client
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(via_gateway.starts_with(b"\x89PNG"));
+    let listing = client
+        .get(format!("{bucket}?list-type=2"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        listing.contains(&format!("<Key>{id}/0.png</Key>")),
+        "{listing}"
+    );
+    // Nothing went to the local folder.
+    assert!(!gw.dir.path().join("outputs").join(&id).exists());
+}

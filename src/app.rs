@@ -48,6 +48,8 @@ pub struct AppState {
     pub background: crate::background::Background,
     /// Bytes of request bodies held at once (`server.max_inflight_body_bytes`).
     pub body_budget: server::listen::BodyBudget,
+    /// Turns at the heavy steps of large requests (one per core at once).
+    pub heavy_turns: crate::pipeline::HeavyTurns,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -116,6 +118,7 @@ impl AppState {
         if !unpriced.is_empty() {
             return Err(StartError::Unpriced(unpriced));
         }
+        preload_tokenizers(&config.routes);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);
         let body_budget = server::listen::BodyBudget::new(
@@ -132,6 +135,7 @@ impl AppState {
             limiter: crate::limits::Limiter::new(),
             moderator,
             body_budget,
+            heavy_turns: crate::pipeline::HeavyTurns::per_core(),
             background,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
@@ -178,6 +182,7 @@ impl AppState {
         });
         match loaded {
             Ok(routes) => {
+                preload_tokenizers(&routes);
                 self.routing.replace(&routes);
                 self.metrics.config_reload("loaded");
                 tracing::info!(file = %path.display(), "channels and models reloaded");
@@ -187,6 +192,13 @@ impl AppState {
                 tracing::warn!(file = %path.display(), error = %e, "config change refused; the previous channels and models keep serving");
             }
         }
+    }
+}
+
+/// Load the tokenizers the models count their prompts with, once, before any request needs them.
+fn preload_tokenizers(routes: &crate::config::RoutesConfig) {
+    for m in &routes.models {
+        crate::pipeline::tokens::preload(m.tokenizer);
     }
 }
 

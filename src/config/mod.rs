@@ -225,6 +225,34 @@ pub struct ChannelConfig {
     pub base_url: String,
     pub credential: Option<Secret>,
     pub options: BTreeMap<String, String>,
+    /// How the prompts of this channel's models are counted for the estimate (`tokenizer`; by
+    /// default `o200k` for the `openai` plugin, `bytes` for every other).
+    pub tokenizer: Tokenizer,
+}
+
+/// How a model's prompt tokens are counted for the estimate (`tokenizer:` on a channel or a
+/// model). The estimate only sizes the reservation: the charge is the upstream's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tokenizer {
+    /// OpenAI's `o200k_base` (GPT-4o, GPT-4.1, o-series, GPT-5).
+    O200k,
+    /// OpenAI's `cl100k_base` (GPT-4, GPT-3.5, `text-embedding-3-*`).
+    Cl100k,
+    /// A conservative bound per byte for any other tokenizer (see `pipeline::tokens`).
+    Bytes,
+}
+
+impl Tokenizer {
+    /// The default for a channel of `plugin`: OpenAI's current encoding for the `openai` plugin
+    /// (OpenAI-compatible upstreams), the byte bound for every other.
+    pub fn default_for(plugin: &str) -> Self {
+        if plugin == "openai" {
+            Self::O200k
+        } else {
+            Self::Bytes
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -235,6 +263,8 @@ pub struct ModelConfig {
     pub price: Option<crate::billing::Price>,
     /// Marked free explicitly: billed nothing.
     pub free: bool,
+    /// The model's own `tokenizer`, else its channel's.
+    pub tokenizer: Tokenizer,
 }
 
 #[derive(Debug, Clone)]

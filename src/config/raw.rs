@@ -305,6 +305,9 @@ struct RawChannel {
     api_key_env: Option<String>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// How prompts are counted for the estimate; by default per plugin.
+    #[serde(default)]
+    tokenizer: Option<super::Tokenizer>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +326,9 @@ struct RawModel {
     /// manifest must say so; otherwise the config is refused.
     #[serde(default)]
     free: bool,
+    /// How this model's prompts are counted for the estimate; by default its channel's.
+    #[serde(default)]
+    tokenizer: Option<super::Tokenizer>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -549,12 +555,16 @@ fn validate_routes(
             },
             None => None,
         };
+        let tokenizer = ch
+            .tokenizer
+            .unwrap_or_else(|| super::Tokenizer::default_for(&ch.plugin));
         out.channels.push(ChannelConfig {
             name: ch.name,
             plugin: ch.plugin,
             base_url,
             credential,
             options: ch.options,
+            tokenizer,
         });
     }
     let mut names = std::collections::BTreeSet::new();
@@ -579,7 +589,13 @@ fn validate_routes(
                 m.name
             ));
         }
+        let channel_tokenizer = out
+            .channels
+            .iter()
+            .find(|c| c.name == m.channel)
+            .map_or(super::Tokenizer::Bytes, |c| c.tokenizer);
         out.models.push(ModelConfig {
+            tokenizer: m.tokenizer.unwrap_or(channel_tokenizer),
             price: m.price,
             free: m.free,
             upstream_model: m.upstream_model.unwrap_or_else(|| m.name.clone()),

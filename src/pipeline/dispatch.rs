@@ -57,7 +57,7 @@ pub async fn dispatch(
     let Call {
         kind,
         stream,
-        body: Body { raw, json },
+        body: Body { raw, json, turn },
         ..
     } = a.call;
     // Screening was the parsed body's last reader: free it before the plugin's copies exist.
@@ -67,17 +67,26 @@ pub async fn dispatch(
     let route = pick.route;
     let result = async {
         let ctx = route.context();
-        let mut session = pick.plugin.session()?;
-        let outbound = super::heavy(raw.len(), || session.build_request(&ctx, kind, &raw))?;
-        // The plugin built the upstream's body: the client's text is no longer needed.
+        let mut session = pick.plugin.session().await?;
+        let outbound = session.build_request(&ctx, kind, &raw).await?;
+        // A large body left copies of itself in the instance's memory (the text, what the
+        // plugin parsed and what it built): give that memory back now and read the answer on a
+        // fresh instance (the contract keeps no state from build-request).
+        if raw.len() >= super::HEAVY_BYTES {
+            drop(session);
+            session = pick.plugin.session().await?;
+        }
+        // The plugin built the upstream's body: the client's text is no longer needed, and the
+        // next large request may take its turn.
         drop(raw);
+        drop(turn);
         match outbound {
             Outbound::Answer(resp) => {
                 if stream && is_success(resp.status) {
                     let events = relay::offline_events(&route, resp);
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect).await
                 }
             }
             Outbound::Send(out) => {
@@ -97,7 +106,7 @@ pub async fn dispatch(
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
                     let resp = pending.read().await?;
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect).await
                 }
             }
         }
@@ -128,7 +137,7 @@ pub async fn whole_json(
     usage_of: fn(&Value, &super::money::Estimate) -> crate::billing::Usage,
 ) -> Result<super::Served, ApiError> {
     let admitted = super::admission::admit(st, caller, call).await?;
-    let screened = super::screen::screen(st, admitted)?;
+    let screened = super::screen::screen(st, admitted).await?;
     let reserved = super::money::reserve(st, screened).await?;
     let d = dispatch(st, reserved, expect).await?;
     let Answer::Json { value, text } = d.answer else {
@@ -145,7 +154,7 @@ pub async fn whole_json(
 }
 
 /// Parse a whole response through the plugin and check it is what the route expects.
-fn finish_json(
+async fn finish_json(
     session: &mut Session,
     route: &Route,
     kind: &str,
@@ -154,7 +163,7 @@ fn finish_json(
 ) -> Result<Answer, ApiError> {
     let status = resp.status;
     let ctx = route.context();
-    let body = super::heavy(resp.body.len(), || session.parse_response(&ctx, kind, resp))?;
+    let body = session.parse_response(&ctx, kind, resp).await?;
     if !is_success(status) {
         // The plugin should have turned a failed upstream status into an error.
         return Err(session

@@ -46,6 +46,8 @@ pub struct Route {
     pub free: bool,
     /// Callable with no key (`auth.anonymous_models`): unbilled.
     pub anonymous: bool,
+    /// How this model's prompts are counted for the estimate.
+    pub tokenizer: crate::config::Tokenizer,
 }
 
 impl Route {
@@ -207,6 +209,7 @@ fn build(routes: &RoutesConfig) -> Catalog {
                     price: m.price,
                     free: m.free,
                     anonymous: routes.anonymous_models.contains(&m.name),
+                    tokenizer: m.tokenizer,
                 },
             ))
         })

@@ -50,6 +50,8 @@ pub struct AppState {
     pub body_budget: server::listen::BodyBudget,
     /// The async task API: stored tasks, archived outputs, workers' state.
     pub tasks: crate::tasks::Tasks,
+    /// Turns at the heavy steps of large requests (one per core at once).
+    pub heavy_turns: crate::pipeline::HeavyTurns,
     pub ready: AtomicBool,
     /// Digest of the config file as last loaded: an unrelated change in its folder is ignored.
     config_digest: std::sync::Mutex<Option<[u8; 32]>>,
@@ -115,11 +117,20 @@ impl AppState {
             Some(metrics.clone()),
             &config.moderation,
         );
-        let routing = Routing::new(&config.routes, plugins);
+        let health = crate::routing::health::Health::new(
+            crate::routing::health::Settings {
+                failures: config.routing.breaker_failures,
+                cooldown: config.routing.breaker_cooldown,
+                auth_cooldown: config.routing.auth_cooldown,
+            },
+            Some(metrics.clone()),
+        );
+        let routing = Routing::with_health(&config.routes, plugins, health);
         let unpriced = routing.unpriced(&config.routes);
         if !unpriced.is_empty() {
             return Err(StartError::Unpriced(unpriced));
         }
+        preload_tokenizers(&config.routes);
         let upstream = Upstream::new(&config.upstream).map_err(StartError::Upstream)?;
         let digest = config.source.as_deref().and_then(file_digest);
         let tasks =
@@ -148,6 +159,7 @@ impl AppState {
             moderator,
             body_budget,
             tasks,
+            heavy_turns: crate::pipeline::HeavyTurns::per_core(),
             background,
             ready: AtomicBool::new(false),
             config_digest: std::sync::Mutex::new(digest),
@@ -194,6 +206,7 @@ impl AppState {
         });
         match loaded {
             Ok(routes) => {
+                preload_tokenizers(&routes);
                 self.routing.replace(&routes);
                 self.metrics.config_reload("loaded");
                 tracing::info!(file = %path.display(), "channels and models reloaded");
@@ -203,6 +216,13 @@ impl AppState {
                 tracing::warn!(file = %path.display(), error = %e, "config change refused; the previous channels and models keep serving");
             }
         }
+    }
+}
+
+/// Load the tokenizers the models count their prompts with, once, before any request needs them.
+fn preload_tokenizers(routes: &crate::config::RoutesConfig) {
+    for m in &routes.models {
+        crate::pipeline::tokens::preload(m.tokenizer);
     }
 }
 

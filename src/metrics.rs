@@ -99,7 +99,16 @@ pub struct Metrics {
     verdicts: Family<VerdictLabels, Counter>,
     policy_reloads: Family<OutcomeLabels, Counter>,
     moderation_duration: Histogram,
+    channel_states: Family<ChannelLabels, prometheus_client::metrics::gauge::Gauge>,
+    channel_transitions: Family<ChannelStateLabels, Counter>,
+    failovers: Family<ModelLabels, Counter>,
     registry: std::sync::RwLock<Registry>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelStateLabels {
+    pub channel: String,
+    pub state: &'static str,
 }
 
 impl Default for Metrics {
@@ -222,7 +231,29 @@ impl Metrics {
             "Time to extract, normalize and screen a request",
             moderation_duration.clone(),
         );
+        let channel_states =
+            Family::<ChannelLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        registry.register(
+            "channel_state",
+            "Each channel's breaker: 0 closed, 1 half-open (probing), 2 open, 3 disabled (credential refused)",
+            channel_states.clone(),
+        );
+        let channel_transitions = Family::<ChannelStateLabels, Counter>::default();
+        registry.register(
+            "channel_transitions",
+            "Channel breakers entering a state",
+            channel_transitions.clone(),
+        );
+        let failovers = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "Requests moved to another channel after a channel failed, by model",
+            failovers.clone(),
+        );
         Self {
+            channel_states,
+            channel_transitions,
+            failovers,
             verdicts,
             policy_reloads,
             moderation_duration,
@@ -364,6 +395,31 @@ impl Metrics {
 
     pub fn backlog_refusal(&self, model: &str) {
         self.backlog_refusals
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn channel_state(&self, channel: &str, level: i64) {
+        self.channel_states
+            .get_or_create(&ChannelLabels {
+                channel: channel.to_string(),
+            })
+            .set(level);
+    }
+
+    pub fn channel_transition(&self, channel: &str, state: &'static str) {
+        self.channel_transitions
+            .get_or_create(&ChannelStateLabels {
+                channel: channel.to_string(),
+                state,
+            })
+            .inc();
+    }
+
+    pub fn failover(&self, model: &str) {
+        self.failovers
             .get_or_create(&ModelLabels {
                 model: model.to_string(),
             })

@@ -30,6 +30,48 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/policies/reload", post(reload_policies))
         .route("/admin/accounts/{id}/webhook-secret", get(webhook_secret))
         .route("/admin/tasks/{id}", get(get_task))
+        .route("/admin/channels", get(list_channels))
+        .route("/admin/channels/{name}/reset", post(reset_channel))
+}
+
+/// `GET /admin/channels`: every configured channel with its breaker's state (`closed`, `open`,
+/// `half_open`, `disabled`) and its failures in a row.
+async fn list_channels(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let states = st.routing.health().states();
+    let data: Vec<serde_json::Value> = st
+        .config
+        .routes
+        .channels
+        .iter()
+        .map(|c| {
+            let (state, failures) = states
+                .iter()
+                .find(|(n, _, _)| *n == c.name)
+                .map_or(("closed", 0), |(_, s, f)| (s.as_str(), *f));
+            json!({"name": c.name, "plugin": c.plugin, "state": state, "failures": failures})
+        })
+        .collect();
+    Ok(axum::Json(json!({ "data": data })).into_response())
+}
+
+/// `POST /admin/channels/{name}/reset`: close a channel's breaker now (its credential was
+/// fixed, its upstream recovered).
+async fn reset_channel(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    if !st.config.routes.channels.iter().any(|c| c.name == name) {
+        return Err(AdminError::NotFound);
+    }
+    st.routing.health().reset(&name);
+    tracing::info!(channel = %name, "channel reset by the operator");
+    Ok(axum::Json(json!({"name": name, "state": "closed"})).into_response())
 }
 
 /// `GET /admin/accounts/{id}/webhook-secret`: the secret that signs the account's task callbacks

@@ -68,6 +68,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Channels and models: the part of the configuration that is reloaded while serving.
     pub routes: RoutesConfig,
+    pub routing: RoutingConfig,
     pub tasks: TasksConfig,
     pub log: LogConfig,
     pub database: DatabaseConfig,
@@ -228,6 +229,34 @@ pub struct ChannelConfig {
     pub base_url: String,
     pub credential: Option<Secret>,
     pub options: BTreeMap<String, String>,
+    /// How the prompts of this channel's models are counted for the estimate (`tokenizer`; by
+    /// default `o200k` for the `openai` plugin, `bytes` for every other).
+    pub tokenizer: Tokenizer,
+}
+
+/// How a model's prompt tokens are counted for the estimate (`tokenizer:` on a channel or a
+/// model). The estimate only sizes the reservation: the charge is the upstream's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tokenizer {
+    /// OpenAI's `o200k_base` (GPT-4o, GPT-4.1, o-series, GPT-5).
+    O200k,
+    /// OpenAI's `cl100k_base` (GPT-4, GPT-3.5, `text-embedding-3-*`).
+    Cl100k,
+    /// A conservative bound per byte for any other tokenizer (see `pipeline::tokens`).
+    Bytes,
+}
+
+impl Tokenizer {
+    /// The default for a channel of `plugin`: OpenAI's current encoding for the `openai` plugin
+    /// (OpenAI-compatible upstreams), the byte bound for every other.
+    pub fn default_for(plugin: &str) -> Self {
+        if plugin == "openai" {
+            Self::O200k
+        } else {
+            Self::Bytes
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +269,36 @@ pub struct ModelConfig {
     pub free: bool,
     /// Async tasks of this model time out after this long (`None`: `tasks.deadline`).
     pub task_deadline: Option<Duration>,
+    /// The model's own `tokenizer`, else its channel's.
+    pub tokenizer: Tokenizer,
+    /// The weight and priority of `channel` among the model's channels.
+    pub weight: u32,
+    pub priority: u32,
+    /// More channels serving the model.
+    pub channels: Vec<ModelChannel>,
+}
+
+/// One more channel serving a model.
+#[derive(Debug, Clone)]
+pub struct ModelChannel {
+    pub channel: String,
+    pub upstream_model: String,
+    pub weight: u32,
+    /// Lower first; channels of one priority share the traffic by weight.
+    pub priority: u32,
+}
+
+/// `routing.*`: channel breakers and failover.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutingConfig {
+    /// Failures in a row that open a channel's breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the channel out before a probe.
+    pub breaker_cooldown: Duration,
+    /// How long a channel whose credential was refused stays disabled before a probe.
+    pub auth_cooldown: Duration,
+    /// Channels one request tries at most.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone)]

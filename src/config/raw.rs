@@ -40,6 +40,8 @@ pub(super) struct RawConfig {
     moderation: RawModeration,
     #[serde(default)]
     tasks: super::tasks::RawTasks,
+    #[serde(default)]
+    routing: RawRouting,
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,6 +309,9 @@ struct RawChannel {
     api_key_env: Option<String>,
     #[serde(default)]
     options: BTreeMap<String, String>,
+    /// How prompts are counted for the estimate; by default per plugin.
+    #[serde(default)]
+    tokenizer: Option<super::Tokenizer>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,6 +333,73 @@ struct RawModel {
     /// Async tasks of this model fail as timed out after this long (else `tasks.deadline`).
     #[serde(default)]
     task_deadline: Option<String>,
+    /// How this model's prompts are counted for the estimate; by default its channel's.
+    #[serde(default)]
+    tokenizer: Option<super::Tokenizer>,
+    /// The weight and priority of `channel` among the model's channels.
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    priority: u32,
+    /// More channels serving this model (a pool of keys, or other providers), tried by priority
+    /// and weight, failed over to when one fails.
+    #[serde(default)]
+    channels: Vec<RawMember>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    channel: String,
+    /// The upstream's model id on this channel; defaults to the model's.
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default = "default_weight")]
+    weight: u32,
+    #[serde(default)]
+    priority: u32,
+}
+
+/// `routing:`: the channel breakers and failover.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    #[serde(default = "default_breaker_failures")]
+    breaker_failures: u32,
+    #[serde(default = "default_breaker_cooldown")]
+    breaker_cooldown: String,
+    #[serde(default = "default_auth_cooldown")]
+    auth_cooldown: String,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        Self {
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
+            auth_cooldown: default_auth_cooldown(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_cooldown() -> String {
+    "30s".into()
+}
+fn default_auth_cooldown() -> String {
+    "5m".into()
+}
+fn default_max_attempts() -> u32 {
+    3
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,6 +471,12 @@ impl RawConfig {
             None => Duration::from_secs(1),
         };
         let reservation_ttl = dur("billing.reservation_ttl", &self.billing.reservation_ttl);
+        let routing = RoutingConfig {
+            breaker_failures: self.routing.breaker_failures.max(1),
+            breaker_cooldown: dur("routing.breaker_cooldown", &self.routing.breaker_cooldown),
+            auth_cooldown: dur("routing.auth_cooldown", &self.routing.auth_cooldown),
+            max_attempts: self.routing.max_attempts.clamp(1, 10),
+        };
 
         if self.server.max_body_bytes == 0 {
             problems.push("server.max_body_bytes: must be above 0".into());
@@ -494,6 +572,7 @@ impl RawConfig {
                 max_event_bytes: self.upstream.max_event_bytes,
             },
             routes,
+            routing,
             tasks,
             log: LogConfig {
                 filter: self.log.filter,
@@ -556,12 +635,16 @@ fn validate_routes(
             },
             None => None,
         };
+        let tokenizer = ch
+            .tokenizer
+            .unwrap_or_else(|| super::Tokenizer::default_for(&ch.plugin));
         out.channels.push(ChannelConfig {
             name: ch.name,
             plugin: ch.plugin,
             base_url,
             credential,
             options: ch.options,
+            tokenizer,
         });
     }
     let mut names = std::collections::BTreeSet::new();
@@ -595,7 +678,33 @@ fn validate_routes(
             }
             d
         });
+        let channel_tokenizer = out
+            .channels
+            .iter()
+            .find(|c| c.name == m.channel)
+            .map_or(super::Tokenizer::Bytes, |c| c.tokenizer);
+        let mut members = Vec::with_capacity(m.channels.len());
+        for (j, c) in m.channels.into_iter().enumerate() {
+            if !seen.contains(&c.channel) {
+                problems.push(format!(
+                    "{key}.channels[{j}].channel: no channel named `{}`",
+                    c.channel
+                ));
+            }
+            members.push(ModelChannel {
+                channel: c.channel,
+                upstream_model: c
+                    .upstream_model
+                    .unwrap_or_else(|| m.upstream_model.clone().unwrap_or_else(|| m.name.clone())),
+                weight: c.weight,
+                priority: c.priority,
+            });
+        }
         out.models.push(ModelConfig {
+            weight: m.weight,
+            priority: m.priority,
+            channels: members,
+            tokenizer: m.tokenizer.unwrap_or(channel_tokenizer),
             price: m.price,
             free: m.free,
             task_deadline,

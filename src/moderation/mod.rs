@@ -8,6 +8,7 @@
 
 pub mod normalize;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -18,20 +19,12 @@ use crate::policy::{Action, PolicyStore, Verdict};
 /// Gather every prompt-bearing string of a request body: chat messages (string content or
 /// `text` parts), `system`, `prompt`, `negative_prompt`, `input` (string, list, or the task API's
 /// object, recursively), `instructions`, tool and function descriptions. A `name` (a chat
-/// message's author, a tool's name) is read with `_` as a space: `how_to_...` is words.
-pub fn extract_text(body: &Value) -> String {
-    let mut out = String::new();
-    let mut push = |s: &str| {
-        if !s.trim().is_empty() {
-            if !out.is_empty() {
-                out.push('\n');
-            }
-            out.push_str(s);
-        }
-    };
-    fn strings(v: &Value, push: &mut dyn FnMut(&str)) {
+/// message's author, a tool's name) is read with `_` as a space: `how_to_...` is words. Joined
+/// by newlines; a body with one prompt string (a large prompt, usually) is borrowed, not copied.
+pub fn extract_text<'a>(body: &'a Value) -> Cow<'a, str> {
+    fn strings<'a>(v: &'a Value, push: &mut dyn FnMut(Cow<'a, str>)) {
         match v {
-            Value::String(s) => push(s),
+            Value::String(s) => push(Cow::Borrowed(s)),
             Value::Array(a) => a.iter().for_each(|x| strings(x, push)),
             Value::Object(o) => {
                 for (k, x) in o {
@@ -46,7 +39,7 @@ pub fn extract_text(body: &Value) -> String {
                         continue;
                     }
                     if let ("name", Value::String(s)) = (k.as_str(), x) {
-                        push(&s.replace('_', " "));
+                        push(Cow::Owned(s.replace('_', " ")));
                         continue;
                     }
                     strings(x, push);
@@ -55,24 +48,39 @@ pub fn extract_text(body: &Value) -> String {
             _ => {}
         }
     }
-    let Some(obj) = body.as_object() else {
-        return out;
+    let mut pieces: Vec<Cow<'a, str>> = Vec::new();
+    let mut push = |s: Cow<'a, str>| {
+        if !s.trim().is_empty() {
+            pieces.push(s);
+        }
     };
-    for key in [
-        "messages",
-        "system",
-        "prompt",
-        "negative_prompt",
-        "input",
-        "instructions",
-        "tools",
-        "functions",
-    ] {
-        if let Some(v) = obj.get(key) {
-            strings(v, &mut push);
+    if let Some(obj) = body.as_object() {
+        for key in [
+            "messages",
+            "system",
+            "prompt",
+            "negative_prompt",
+            "input",
+            "instructions",
+            "tools",
+            "functions",
+        ] {
+            if let Some(v) = obj.get(key) {
+                strings(v, &mut push);
+            }
         }
     }
-    out
+    if pieces.len() <= 1 {
+        return pieces.pop().unwrap_or(Cow::Borrowed(""));
+    }
+    let mut out = String::with_capacity(pieces.iter().map(|p| p.len() + 1).sum());
+    for p in &pieces {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(p);
+    }
+    Cow::Owned(out)
 }
 
 /// One recorded verdict.
@@ -247,6 +255,14 @@ pub struct Moderator {
     retain_prompts: bool,
 }
 
+/// What the compiled rules made of a request, for [`Moderator::decide`].
+pub struct Ruled<'a> {
+    text: Cow<'a, str>,
+    compiled: Arc<crate::policy::Compiled>,
+    verdict: Verdict,
+    started: std::time::Instant,
+}
+
 /// A refused prompt: what the client is told (no prompt text).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("Your request was rejected by the content policy (category: {category}).")]
@@ -271,16 +287,44 @@ impl Moderator {
         }
     }
 
-    /// Screen a request body with a set; record every hit; `Err` when the verdict is `block`.
-    /// Screen a request body with a set: the compiled rules, then the policy plugins; record
-    /// every hit; `Err` when the verdict is `block`. A plugin that fails is counted and skipped
-    /// (fail-open: the compiled rules already ran).
-    pub fn screen(&self, body: &Value, req: &ScreenRequest<'_>) -> Result<Verdict, Blocked> {
-        let (set, key_id, request_id) = (req.policy_set, req.key_id, req.request_id);
+    /// Screen a request body with a set: the compiled rules ([`Self::rules`]), then the policy
+    /// plugins and the record ([`Self::decide`]); `Err` when the verdict is `block`.
+    pub async fn screen(&self, body: &Value, req: &ScreenRequest<'_>) -> Result<Verdict, Blocked> {
+        let ruled = self.rules(body, req);
+        self.decide(ruled, req).await
+    }
+
+    /// The synchronous, CPU-bound half of screening: the prompt text extracted, normalized and
+    /// matched by the compiled rules of the set (the caller runs it off the async worker when
+    /// the body is large).
+    pub fn rules<'a>(&self, body: &'a Value, req: &ScreenRequest<'_>) -> Ruled<'a> {
         let started = std::time::Instant::now();
         let text = extract_text(body);
         let compiled = self.policies.current();
-        let mut verdict = compiled.screen(&text, set);
+        let verdict = compiled.screen(&text, req.policy_set);
+        Ruled {
+            text,
+            compiled,
+            verdict,
+            started,
+        }
+    }
+
+    /// The second half of screening: the policy plugins (each call `async`, yielding to tokio),
+    /// unless the rules already blocked; every hit recorded; `Err` when the verdict is `block`.
+    /// A plugin that fails is counted and skipped (fail-open: the compiled rules already ran).
+    pub async fn decide(
+        &self,
+        ruled: Ruled<'_>,
+        req: &ScreenRequest<'_>,
+    ) -> Result<Verdict, Blocked> {
+        let (set, key_id, request_id) = (req.policy_set, req.key_id, req.request_id);
+        let Ruled {
+            text,
+            compiled,
+            mut verdict,
+            started,
+        } = ruled;
         // Categories the policy plugins that ran declared: with the files', the label set.
         let mut declared: Vec<String> = Vec::new();
         if verdict.action != Action::Block
@@ -295,7 +339,7 @@ impl Moderator {
                     policy_set: set,
                 };
                 declared.extend(plugin.categories.iter().cloned());
-                let pv = match plugin.screen(&input) {
+                let pv = match plugin.screen(&input).await {
                     Ok(v) => v,
                     Err(e) => {
                         tracing::warn!(plugin = %plugin.name, error = %e, "policy plugin failed; skipped");

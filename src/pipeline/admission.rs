@@ -1,7 +1,8 @@
 //! Step 1, admission: who may call what, and how much of it. Resolves the model's route and
 //! plugin, refuses an anonymous caller on a model that needs a key and a key on a model outside
-//! its allow-list, prices the request's [`Need`], and takes the key's place under its limits.
-//! Nothing here reads prompt text; a refusal here has consumed nothing.
+//! its allow-list, counts the prompt's tokens with the model's tokenizer, prices the request's
+//! [`Need`], and takes the key's place under its limits. Nothing here judges prompt text (it is
+//! only counted); a refusal here has consumed nothing.
 
 use crate::app::AppState;
 use crate::auth::{AuthError, Caller};
@@ -51,10 +52,15 @@ pub fn output_cap(st: &AppState, pick: &Pick, need: &Need) -> u64 {
 pub async fn admit(
     st: &AppState,
     caller: Option<Caller>,
-    call: Call,
+    mut call: Call,
 ) -> Result<Admitted, ApiError> {
     let pick = st.routing.pick(&call.model)?;
     authorize(caller.as_ref(), &pick, &call.model)?;
+    // The prompt counted with the model's tokenizer (off the worker for a large body).
+    let tokenizer = pick.route.tokenizer;
+    call.need.prompt_tokens = super::heavy(call.body.raw.len(), || {
+        (call.prompt)(tokenizer, &call.body.json)
+    });
     // A keyed call is billed: its model must have a price (or be marked free). An anonymous
     // call to an open model is never billed.
     let price = match &caller {

@@ -70,7 +70,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         ));
     }
     let need = Need {
-        prompt_tokens: money::prompt_tokens_bound(&body.raw),
+        prompt_tokens: 0,
         max_output_tokens,
         output: true,
         outputs,
@@ -84,6 +84,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         stream,
         body,
         need,
+        prompt: super::tokens::chat,
         request_id,
     })
 }
@@ -92,7 +93,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
 pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Served, ApiError> {
     let request_id = call.request_id.clone();
     let admitted = admission::admit(st, caller, call).await?;
-    let screened = screen::screen(st, admitted)?;
+    let screened = screen::screen(st, admitted).await?;
     let reserved = money::reserve(st, screened).await?;
     let d = dispatch::dispatch(st, reserved, &COMPLETION).await?;
     let reply = match d.answer {

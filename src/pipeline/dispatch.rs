@@ -12,6 +12,7 @@ use crate::app::AppState;
 use crate::error::ApiError;
 use crate::plugins::{InboundResponse, Outbound, Session};
 use crate::routing::Route;
+use crate::routing::health::Outcome;
 use crate::upstream;
 
 use super::money::{Bill, Reserved};
@@ -53,31 +54,147 @@ pub async fn dispatch(
         place: a.place,
         estimate: a.estimate,
     };
-    let pick = a.pick;
     let Call {
         kind,
         stream,
-        body: Body { raw, json },
+        model,
+        body: Body { raw, json, turn },
         ..
     } = a.call;
     // Screening was the parsed body's last reader: free it before the plugin's copies exist.
     drop(json);
-    let provider = pick.plugin.name().to_string();
-    tracing::Span::current().record("provider", provider.as_str());
-    let route = pick.route;
-    let result = async {
+    let crate::routing::Pick {
+        route,
+        plugin,
+        alternates,
+    } = a.pick;
+    // The model's channels in order: a failing one (unreachable, 5xx, rate-limited, refused
+    // credential) is recorded by its breaker and the next one is tried, as long as nothing of
+    // the answer has reached the client.
+    let max = usize::try_from(st.config.routing.max_attempts)
+        .unwrap_or(1)
+        .max(1);
+    let candidates: Vec<_> = std::iter::once((route, plugin))
+        .chain(alternates)
+        .take(max)
+        .collect();
+    let n = candidates.len();
+    let mut raw = Some(raw);
+    let mut turn = Some(turn);
+    let mut failed = None;
+    for (i, (route, plugin)) in candidates.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let provider = plugin.name().to_string();
+        tracing::Span::current().record("provider", provider.as_str());
+        let attempt = Attempt {
+            route: &route,
+            plugin: &plugin,
+            kind,
+            stream,
+            expect,
+            last,
+        };
+        match attempt.run(st, &mut raw, &mut turn).await {
+            Ok(answer) => {
+                if n > 1 {
+                    st.routing
+                        .health()
+                        .record(&route.channel.name, Outcome::Success);
+                }
+                return Ok(Dispatched {
+                    provider,
+                    route,
+                    bill,
+                    answer,
+                });
+            }
+            Err(e) => {
+                let outcome = breaker_outcome(&e);
+                if let Some(o) = outcome {
+                    st.routing.health().record(&route.channel.name, o);
+                }
+                if last || outcome.is_none() {
+                    bill.release().await;
+                    return Err(e);
+                }
+                st.metrics.failover(&model);
+                tracing::warn!(channel = %route.channel.name, error = %e, "a channel failed; trying the model's next channel");
+                failed = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(20 * (i as u64 + 1))).await;
+            }
+        }
+    }
+    bill.release().await;
+    Err(failed.unwrap_or_else(|| ApiError::Internal("no channel to try".into())))
+}
+
+/// How a failed attempt counts for its channel's breaker; `None`: not the channel's fault (the
+/// request itself, a plugin's bug), and no other channel is tried.
+fn breaker_outcome(e: &ApiError) -> Option<Outcome> {
+    use crate::plugins::{GuestErrorClass, PluginError};
+    use crate::upstream::UpstreamError;
+    match e {
+        ApiError::Upstream(
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Io { .. }
+            | UpstreamError::Truncated { .. },
+        ) => Some(Outcome::Failure),
+        ApiError::Plugin(PluginError::Guest { class, .. }) => match class {
+            GuestErrorClass::Auth => Some(Outcome::AuthRefused),
+            GuestErrorClass::Upstream | GuestErrorClass::RateLimited => Some(Outcome::Failure),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// One try of a request on one channel.
+struct Attempt<'a> {
+    route: &'a Route,
+    plugin: &'a std::sync::Arc<crate::plugins::Plugin>,
+    kind: &'static str,
+    stream: bool,
+    expect: &'a Expect,
+    /// The last channel to try: the client's text is freed as soon as the plugin built the
+    /// request (earlier attempts keep it for the next channel).
+    last: bool,
+}
+
+impl Attempt<'_> {
+    async fn run(
+        &self,
+        st: &AppState,
+        raw: &mut Option<String>,
+        turn: &mut Option<Option<super::HeavyTurn>>,
+    ) -> Result<Answer, ApiError> {
+        let (route, plugin, kind, stream, expect) =
+            (self.route, self.plugin, self.kind, self.stream, self.expect);
         let ctx = route.context();
-        let mut session = pick.plugin.session()?;
-        let outbound = super::heavy(raw.len(), || session.build_request(&ctx, kind, &raw))?;
-        // The plugin built the upstream's body: the client's text is no longer needed.
-        drop(raw);
+        let mut session = plugin.session().await?;
+        let text = raw.as_deref().unwrap_or_default();
+        let heavy = text.len() >= super::HEAVY_BYTES;
+        let outbound = session.build_request(&ctx, kind, text).await?;
+        // A large body left copies of itself in the instance's memory (the text, what the
+        // plugin parsed and what it built): give that memory back now and read the answer on a
+        // fresh instance (the contract keeps no state from build-request).
+        if heavy {
+            drop(session);
+            session = plugin.session().await?;
+        }
+        if self.last {
+            // The plugin built the upstream's body: the client's text is no longer needed, and
+            // the next large request may take its turn.
+            *raw = None;
+            *turn = None;
+        }
         match outbound {
             Outbound::Answer(resp) => {
                 if stream && is_success(resp.status) {
-                    let events = relay::offline_events(&route, resp);
+                    let events = relay::offline_events(route, resp);
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, route, kind, resp, expect).await
                 }
             }
             Outbound::Send(out) => {
@@ -85,34 +202,22 @@ pub async fn dispatch(
                 let target = upstream::Target {
                     channel: &route.channel.name,
                     base_url: &route.channel.base_url,
-                    auth: &pick.plugin.manifest.auth,
+                    auth: &plugin.manifest.auth,
                     credential: route.channel.credential.as_ref(),
                 };
                 let started = Instant::now();
                 let pending = st.upstream.send(&target, out).await;
-                st.metrics.upstream_duration(&provider, started.elapsed());
+                st.metrics
+                    .upstream_duration(plugin.name(), started.elapsed());
                 let pending = pending?;
                 if wants_stream && is_success(pending.status()) {
                     let events: EventStream = Box::pin(pending.events());
                     Ok(Answer::Stream(Box::new((session, events))))
                 } else {
                     let resp = pending.read().await?;
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, route, kind, resp, expect).await
                 }
             }
-        }
-    }
-    .await;
-    match result {
-        Ok(answer) => Ok(Dispatched {
-            provider,
-            route,
-            bill,
-            answer,
-        }),
-        Err(e) => {
-            bill.release().await;
-            Err(e)
         }
     }
 }
@@ -138,7 +243,7 @@ pub async fn whole_json_admitted(
     expect: &Expect,
     usage_of: fn(&Value, &super::money::Estimate) -> crate::billing::Usage,
 ) -> Result<super::Served, ApiError> {
-    let screened = super::screen::screen(st, admitted)?;
+    let screened = super::screen::screen(st, admitted).await?;
     let reserved = super::money::reserve(st, screened).await?;
     let d = dispatch(st, reserved, expect).await?;
     let Answer::Json { value, text } = d.answer else {
@@ -155,7 +260,7 @@ pub async fn whole_json_admitted(
 }
 
 /// Parse a whole response through the plugin and check it is what the route expects.
-fn finish_json(
+async fn finish_json(
     session: &mut Session,
     route: &Route,
     kind: &str,
@@ -164,7 +269,7 @@ fn finish_json(
 ) -> Result<Answer, ApiError> {
     let status = resp.status;
     let ctx = route.context();
-    let body = super::heavy(resp.body.len(), || session.parse_response(&ctx, kind, resp))?;
+    let body = session.parse_response(&ctx, kind, resp).await?;
     if !is_success(status) {
         // The plugin should have turned a failed upstream status into an error.
         return Err(session

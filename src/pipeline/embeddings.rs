@@ -87,7 +87,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         ));
     }
     let need = Need {
-        prompt_tokens: money::prompt_tokens_bound(&body.raw),
+        prompt_tokens: 0,
         max_output_tokens: None,
         output: false,
         outputs: 1,
@@ -101,6 +101,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         stream: false,
         body,
         need,
+        prompt: super::tokens::embeddings,
         request_id,
     })
 }

@@ -12,7 +12,7 @@ use crate::billing::Usage;
 use crate::error::ApiError;
 
 use super::dispatch::{self, Expect};
-use super::{Body, Call, Need, Served, money};
+use super::{Body, Call, Need, Served};
 
 pub const ROUTE: &str = "/v1/images/generations";
 
@@ -100,7 +100,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         ));
     }
     let need = Need {
-        prompt_tokens: money::prompt_tokens_bound(&body.raw),
+        prompt_tokens: 0,
         max_output_tokens: None,
         output: false,
         outputs: 1,
@@ -114,6 +114,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         stream: false,
         body,
         need,
+        prompt: super::tokens::images,
         request_id,
     })
 }

@@ -3,7 +3,8 @@
 //! 1. the route parses its body once into a [`Call`] (`Body`: the client's JSON text for the
 //!    plugin, and the parsed value every later step reads), with what it may use ([`Need`]);
 //! 2. [`admission::admit`]: the model's route and plugin, who may call it (anonymous models, the
-//!    key's allow-list), the estimate at the model's price, the key's limits → [`admission::Admitted`];
+//!    key's allow-list), the prompt's tokens ([`tokens`], the model's tokenizer), the estimate at
+//!    the model's price, the key's limits → [`admission::Admitted`];
 //! 3. [`screen::screen`]: the caller's policy set over the route's prompt fields → [`screen::Screened`];
 //! 4. [`money::reserve`]: the estimate reserved on the account → [`money::Reserved`];
 //! 5. [`dispatch::dispatch`]: the plugin session, the upstream call, the answer checked →
@@ -12,7 +13,7 @@
 //!
 //! Each step accepts only the type the step before it returns, and only that step can make it:
 //! a request cannot be dispatched unscreened or unreserved. Why this order: admission is the
-//! cheapest refusal and needs no prompt text; screening refuses before any money moves; the
+//! cheapest refusal and judges no prompt text; screening refuses before any money moves; the
 //! reservation comes last before the upstream so a refused request never holds credits.
 
 pub mod admission;
@@ -26,6 +27,7 @@ pub mod money;
 pub mod relay;
 pub mod screen;
 pub mod tasks;
+pub mod tokens;
 
 use std::pin::Pin;
 
@@ -42,12 +44,45 @@ use crate::error::ApiError;
 pub struct Body {
     pub raw: String,
     pub json: Value,
+    /// A large body's turn at the heavy steps, held until the plugin has built the upstream
+    /// request (see [`HeavyTurns`]).
+    pub turn: Option<HeavyTurn>,
+}
+
+/// Turns at the heavy steps of a large request (a body of [`HEAVY_BYTES`] or more): parsing,
+/// counting, screening and the plugin's translation each hold a copy of the body for a while.
+/// Only one large request per core takes those steps at once; the others wait for a turn
+/// holding their body alone, so many large requests in flight cost about their size each, not
+/// a copy per step each (and the cores are not shared among more large requests than there are).
+pub struct HeavyTurns(std::sync::Arc<tokio::sync::Semaphore>);
+
+/// One large request's turn (see [`HeavyTurns`]); dropping it gives the turn to the next.
+#[derive(Debug)]
+pub struct HeavyTurn {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl HeavyTurns {
+    /// As many turns as the machine has cores.
+    pub fn per_core() -> Self {
+        let n = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        Self(std::sync::Arc::new(tokio::sync::Semaphore::new(n)))
+    }
+
+    /// Wait for a turn if a body of `bytes` is large; `None` for a small one (no wait).
+    pub async fn take(&self, bytes: usize) -> Option<HeavyTurn> {
+        if bytes < HEAVY_BYTES {
+            return None;
+        }
+        let permit = self.0.clone().acquire_owned().await.ok()?;
+        Some(HeavyTurn { _permit: permit })
+    }
 }
 
 impl Body {
-    /// A UTF-8 JSON object, or a 400 saying what is wrong.
-    pub fn parse(bytes: Bytes) -> Result<Self, ApiError> {
-        let raw = String::from_utf8(Vec::from(bytes))
+    /// A UTF-8 JSON object, or a 400 saying what is wrong. The bytes become the text in place.
+    pub fn parse(bytes: Vec<u8>) -> Result<Self, ApiError> {
+        let raw = String::from_utf8(bytes)
             .map_err(|_| ApiError::invalid("the request body is not valid UTF-8", None))?;
         let json: Value = serde_json::from_str(&raw).map_err(|e| {
             ApiError::invalid(
@@ -61,7 +96,11 @@ impl Body {
                 None,
             ));
         }
-        Ok(Self { raw, json })
+        Ok(Self {
+            raw,
+            json,
+            turn: None,
+        })
     }
 
     pub fn field(&self, name: &str) -> Option<&Value> {
@@ -109,7 +148,8 @@ impl Body {
 /// The most a request may use, as the route reads it from the body (before the price is known).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Need {
-    /// An upper estimate of the prompt's tokens.
+    /// An upper estimate of the prompt's tokens: counted at admission, once the model's
+    /// tokenizer is known (the route's [`Call::prompt`]).
     pub prompt_tokens: u64,
     /// The client's output cap, if it set one (else the model's, else the configured default).
     pub max_output_tokens: Option<u64>,
@@ -134,6 +174,8 @@ pub struct Call {
     pub stream: bool,
     pub body: Body,
     pub need: Need,
+    /// How the route counts its prompt's tokens (`tokens::chat`, `tokens::embeddings`, ...).
+    pub prompt: fn(tokens::Tokenizer, &Value) -> u64,
     pub request_id: String,
 }
 
@@ -169,10 +211,10 @@ pub struct Served {
 
 pub type FrameStream = Pin<Box<dyn Stream<Item = Bytes> + Send + 'static>>;
 
-/// Inputs from this size up are screened and translated off the async worker (see [`heavy`]).
+/// Inputs from this size up are screened off the async worker (see [`heavy`]).
 pub const HEAVY_BYTES: usize = 64 * 1024;
 
-/// Run CPU work over `bytes` of input (screening, a plugin call): inline when small; from
+/// Run synchronous CPU work over `bytes` of input (screening's rules): inline when small; from
 /// [`HEAVY_BYTES`] up, on a multi-threaded runtime, inside `block_in_place`, so the worker's
 /// other tasks move to another thread instead of waiting for it. (A current-thread runtime,
 /// as in tests, runs it inline.)

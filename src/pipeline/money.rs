@@ -28,17 +28,6 @@ impl Estimate {
     }
 }
 
-/// A conservative estimate of the tokens in a request body, from its bytes, for every script:
-/// ASCII at three bytes a token (English runs at about four), and every other byte at two
-/// tokens for three bytes (two tokens for each Chinese, Japanese or Korean character, which
-/// byte-level tokenizers split into one to two; four for a four-byte emoji). The estimate only
-/// sizes the reservation: the charge is the usage the upstream reports, in full.
-pub fn prompt_tokens_bound(raw: &str) -> u64 {
-    let non_ascii = raw.bytes().filter(|b| !b.is_ascii()).count() as u64;
-    let ascii = raw.len() as u64 - non_ascii;
-    ascii.div_ceil(3) + (non_ascii * 2).div_ceil(3) + 8
-}
-
 /// Price the most a request may use: the prompt, and every output (`n`) at the output cap.
 pub fn estimate(price: &Price, need: &Need, output_cap: u64) -> Estimate {
     let usage = Usage {
@@ -178,17 +167,6 @@ mod tests {
         assert_eq!(e.usage.completion_tokens, 6_400);
         assert_eq!(e.cost, Credits(100 * 2 + 6_400 * 10));
         assert_eq!(e.tokens(), 6_500);
-    }
-
-    #[test]
-    fn prompt_bounds_cover_every_script() {
-        // English: three bytes a token, against about four in real tokenizers.
-        assert_eq!(prompt_tokens_bound(&"abc".repeat(100)), 100 + 8);
-        // Chinese: two tokens a character (the old bytes/3 gave one).
-        let zh = "你好世界".repeat(25);
-        assert_eq!(prompt_tokens_bound(&zh), 200 + 8);
-        // Russian (two bytes a character): four tokens for three characters.
-        assert_eq!(prompt_tokens_bound(&"привет".repeat(10)), 80 + 8);
     }
 
     #[test]

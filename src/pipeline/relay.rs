@@ -95,7 +95,11 @@ impl Relay {
     /// One upstream event through the plugin: its chunks queued, the usage chunk held back.
     async fn event(&mut self, ev: sse::Event) {
         let ctx = self.route.context();
-        let out = match self.session.parse_stream_event(&ctx, ev.event, ev.data) {
+        let out = match self
+            .session
+            .parse_stream_event(&ctx, ev.event, ev.data)
+            .await
+        {
             Ok(out) => out,
             Err(e) => return self.fail(&ApiError::from(e)),
         };

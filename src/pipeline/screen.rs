@@ -13,7 +13,7 @@ pub struct Screened {
     pub(super) admitted: Admitted,
 }
 
-pub fn screen(st: &AppState, admitted: Admitted) -> Result<Screened, ApiError> {
+pub async fn screen(st: &AppState, admitted: Admitted) -> Result<Screened, ApiError> {
     let call = &admitted.call;
     let caller = admitted.caller.as_ref();
     let req = ScreenRequest {
@@ -23,9 +23,11 @@ pub fn screen(st: &AppState, admitted: Admitted) -> Result<Screened, ApiError> {
         model: &call.model,
         route: call.route,
     };
-    // A large prompt's normalization and matching (and the policy plugins) leave the worker.
-    super::heavy(call.body.raw.len(), || {
-        st.moderator.screen(&call.body.json, &req)
-    })?;
+    // A large prompt's normalization and matching leave the worker; the policy plugins' calls
+    // are async (they yield to tokio at every epoch tick).
+    let ruled = super::heavy(call.body.raw.len(), || {
+        st.moderator.rules(&call.body.json, &req)
+    });
+    st.moderator.decide(ruled, &req).await?;
     Ok(Screened { admitted })
 }

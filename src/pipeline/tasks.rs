@@ -93,7 +93,7 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
     )?
     .unwrap_or(0);
     let need = Need {
-        prompt_tokens: money::prompt_tokens_bound(&body.raw),
+        prompt_tokens: 0,
         max_output_tokens: None,
         output: false,
         outputs: 1,
@@ -107,6 +107,9 @@ pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
         stream: false,
         body,
         need,
+        prompt: |tokenizer, body| {
+            super::tokens::text_fields(tokenizer, body.get("input").unwrap_or(&Value::Null))
+        },
         request_id,
     })
 }
@@ -182,7 +185,7 @@ pub(super) async fn enqueue(
     // the one charge the ledger takes for it (whichever gateway settles, however often).
     admitted.call.request_id = st.tasks.new_id();
     let deadline_at = st.tasks.deadline_for(admitted.pick.route.task_deadline);
-    let screened = super::screen::screen(st, admitted)?;
+    let screened = super::screen::screen(st, admitted).await?;
     let reserved = money::reserve(st, screened).await?;
     let a = reserved.screened.admitted;
     let Some(caller) = a.caller else {

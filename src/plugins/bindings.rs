@@ -1,10 +1,12 @@
-//! The one place WIT bindings are generated (from `plugins/wit`), one module per world.
+//! The one place WIT bindings are generated (from `plugins/wit`), one module per world. Every
+//! export is called `async` (on a fiber, so a call can yield to tokio at each epoch tick).
 
 /// The `provider` world: what a provider plugin exports.
 pub mod provider {
     wasmtime::component::bindgen!({
         world: "provider",
         path: "plugins/wit",
+        exports: { default: async },
     });
 }
 
@@ -13,6 +15,7 @@ pub mod policy {
     wasmtime::component::bindgen!({
         world: "policy",
         path: "plugins/wit",
+        exports: { default: async },
     });
 }
 
@@ -23,6 +26,7 @@ pub mod task_provider {
     wasmtime::component::bindgen!({
         world: "task-provider",
         path: "plugins/wit",
+        exports: { default: async },
         with: {
             "tollgate:plugin/types": super::provider::tollgate::plugin::types,
         },

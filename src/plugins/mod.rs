@@ -3,7 +3,9 @@
 //! Components are compiled once and pre-instantiated (`ProviderPre`); each request gets a fresh
 //! [`Session`] (one store, one instance) that lives as long as the request's plugin calls and is
 //! dropped with it. Every call runs under a memory cap ([`GuestState`] as the store's resource
-//! limiter) and a CPU bound (epoch deadline); guests get no WASI capabilities at all: every import
+//! limiter) and a CPU bound (`plugins.call_timeout` of running time, counted at each epoch tick);
+//! calls are `async` on a fiber and give the thread back to tokio at every tick, so a slow guest
+//! never holds an async worker. Guests get no WASI capabilities at all: every import
 //! a component declares is defined as a trap. A trap, an overrun or output that does not parse is
 //! a [`PluginError`] for that request only. A built request whose path would leave the channel's
 //! base URL, or that sets a header the host owns, is refused the same way (`upstream::guard`).
@@ -23,11 +25,13 @@ mod session;
 mod tasks;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
 
 use crate::config::PluginsConfig;
 use crate::metrics::Metrics;
@@ -48,10 +52,91 @@ const KEEP_RESIDENT: usize = 4 * 1024 * 1024;
 /// Upper bound on table elements a guest may grow to.
 const TABLE_LIMIT: usize = 100_000;
 
-/// Per-store state: the memory cap, and whether the guest ran into it.
+/// Per-store state: the memory cap and whether the guest ran into it, and the CPU budget of the
+/// call in progress.
 pub struct GuestState {
     memory_limit: usize,
     hit_memory_limit: bool,
+    cpu: CpuBudget,
+}
+
+/// How a call gives its thread back at an epoch tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Yielding {
+    /// To the tokio scheduler (`tokio::task::yield_now`: woken after the scheduler polled its
+    /// I/O driver and ran the other ready tasks): a request's calls.
+    Tokio,
+    /// A plain yield that wakes itself at once: calls driven by `futures::executor::block_on`
+    /// (loading a component, outside any request), where tokio's deferred wake-up would never come.
+    Plain,
+}
+
+/// The running time a call may use, counted at each epoch tick: the time since the guest last
+/// started or resumed, summed over the call. Time spent yielded to other tasks does not count.
+struct CpuBudget {
+    budget: Duration,
+    used: Duration,
+    /// When the guest last started or resumed, in nanoseconds since `origin`; the yield future
+    /// writes it when the guest is resumed.
+    resumed: Arc<AtomicU64>,
+    origin: Instant,
+    yielding: Yielding,
+}
+
+impl CpuBudget {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A new call starts: nothing used yet, running from now.
+    fn start(&mut self) {
+        self.used = Duration::ZERO;
+        self.resumed.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// An epoch tick reached a running guest: count the time it ran since it last resumed; trap
+    /// once the budget is spent (a `Trap::Interrupt`: the call's timeout), else yield.
+    fn tick(&mut self) -> UpdateDeadline {
+        let ran = self
+            .now()
+            .saturating_sub(self.resumed.load(Ordering::Relaxed));
+        self.used += Duration::from_nanos(ran);
+        if self.used >= self.budget {
+            return UpdateDeadline::Interrupt;
+        }
+        let resumed = self.resumed.clone();
+        let origin = self.origin;
+        let yielding = self.yielding;
+        UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(async move {
+                match yielding {
+                    Yielding::Tokio => tokio::task::yield_now().await,
+                    Yielding::Plain => YieldOnce(false).await,
+                }
+                let now = u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                resumed.store(now, Ordering::Relaxed);
+            }),
+        )
+    }
+}
+
+/// Pending once (waking itself at once), then ready.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
 }
 
 impl wasmtime::ResourceLimiter for GuestState {
@@ -111,6 +196,12 @@ pub struct ModelInfo {
     pub context_window: Option<u32>,
     pub max_output_tokens: Option<u32>,
     pub price: Option<crate::billing::Price>,
+}
+
+/// A call starts: a fresh CPU budget, and the first tick one epoch away.
+fn start_call(store: &mut Store<GuestState>) {
+    store.data_mut().cpu.start();
+    store.set_epoch_deadline(1);
 }
 
 /// A compiled, pre-instantiated provider component and its manifest.
@@ -177,7 +268,8 @@ pub struct StreamOutput {
 pub struct HostCore {
     engine: Engine,
     memory_limit: usize,
-    deadline_ticks: u64,
+    /// The running time each call may use (`plugins.call_timeout`).
+    call_budget: Duration,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 }
@@ -196,6 +288,8 @@ impl HostCore {
             .total_memories(cfg.max_instances)
             .total_tables(cfg.max_instances.saturating_mul(4))
             .max_memory_size(cfg.memory_limit_bytes)
+            // One fiber stack per call in progress (calls are async).
+            .total_stacks(cfg.max_instances)
             .max_memories_per_component(4)
             .max_tables_per_component(8)
             .table_elements(TABLE_LIMIT)
@@ -227,11 +321,10 @@ impl HostCore {
                 })
                 .map_err(|e| LoadError::Instantiate("epoch thread".into(), e.to_string()))?;
         }
-        let ticks = cfg.call_timeout.as_micros() / EPOCH_TICK.as_micros();
         Ok(Arc::new(Self {
             engine,
             memory_limit: cfg.memory_limit_bytes,
-            deadline_ticks: u64::try_from(ticks).unwrap_or(u64::MAX).max(1),
+            call_budget: cfg.call_timeout,
             metrics,
             stop,
         }))
@@ -257,18 +350,26 @@ impl HostCore {
         Ok((instance_pre, sha2::Sha256::digest(bytes).into()))
     }
 
-    /// A fresh store with the memory cap and the CPU deadline of one call.
-    fn new_store(&self) -> Store<GuestState> {
+    /// A fresh store with the memory cap and the CPU budget of one call: at every epoch tick
+    /// the guest's running time is counted and the call yields (see [`CpuBudget`]).
+    fn new_store(&self, yielding: Yielding) -> Store<GuestState> {
         let mut store = Store::new(
             &self.engine,
             GuestState {
                 memory_limit: self.memory_limit,
                 hit_memory_limit: false,
+                cpu: CpuBudget {
+                    budget: self.call_budget,
+                    used: Duration::ZERO,
+                    resumed: Arc::new(AtomicU64::new(0)),
+                    origin: Instant::now(),
+                    yielding,
+                },
             },
         );
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
-        store.set_epoch_deadline(self.deadline_ticks);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|mut cx| Ok(cx.data_mut().cpu.tick()));
+        start_call(&mut store);
         store
     }
 
@@ -298,14 +399,18 @@ impl HostCore {
             tasks,
             host: self.clone(),
         };
-        let manifest = {
+        // Loading runs outside any request (at start, or a reload on the blocking pool): its
+        // calls are driven here, with plain yields.
+        let manifest = futures::executor::block_on(async {
             let mut session = plugin
-                .session()
+                .start_session(Yielding::Plain)
+                .await
                 .map_err(|e| LoadError::Instantiate(label.into(), e.to_string()))?;
             session
                 .manifest()
-                .map_err(|e| LoadError::Manifest(label.into(), e.to_string()))?
-        };
+                .await
+                .map_err(|e| LoadError::Manifest(label.into(), e.to_string()))
+        })?;
         if manifest.name != label {
             return Err(LoadError::NameMismatch {
                 file: label.into(),

@@ -1,14 +1,15 @@
 //! Policy plugins: components of the `policy` world, run after the compiled rules with the
 //! normalized text and request metadata; each call sandboxed like a provider's (fresh instance,
-//! memory cap, CPU bound, no WASI).
+//! memory cap, CPU bound yielding to tokio at every tick, no WASI).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
 use wasmtime::Store;
 
 use super::bindings::policy::exports::tollgate::plugin::policy_api as wit;
-use super::{GuestState, HostCore, LoadError, Origin, PluginError, classify};
+use super::{GuestState, HostCore, LoadError, Origin, PluginError, Yielding, classify};
 
 /// What a policy plugin decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,9 +76,16 @@ impl HostCore {
             pre,
             host: self.clone(),
         };
-        let m = plugin
-            .call("describe", |g, s| g.call_describe(s))
-            .map_err(|e| LoadError::Manifest(label.into(), e.to_string()))?;
+        // Loading runs outside any request: its call is driven here, with plain yields.
+        let m = futures::executor::block_on(plugin.call(
+            "describe",
+            Yielding::Plain,
+            |g, mut s| async move {
+                let r = g.call_describe(&mut s).await;
+                (s, r)
+            },
+        ))
+        .map_err(|e| LoadError::Manifest(label.into(), e.to_string()))?;
         if m.name != label {
             return Err(LoadError::NameMismatch {
                 file: label.into(),
@@ -91,17 +99,27 @@ impl HostCore {
 }
 
 impl PolicyPlugin {
-    fn call<T>(
+    /// One call on a fresh instance: `f` is lent the guest's exports and the store and gives
+    /// the store back with the result.
+    async fn call<T, Fut>(
         &self,
         call: &'static str,
-        f: impl FnOnce(&wit::Guest, &mut Store<GuestState>) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        let mut store = self.host.new_store();
+        yielding: Yielding,
+        f: impl FnOnce(wit::Guest, Store<GuestState>) -> Fut,
+    ) -> Result<T, PluginError>
+    where
+        Fut: Future<Output = (Store<GuestState>, wasmtime::Result<T>)>,
+    {
+        let mut store = self.host.new_store(yielding);
         let started = Instant::now();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|inst| f(inst.tollgate_plugin_policy_api(), &mut store));
+        let (store, result) = match self.pre.instantiate_async(&mut store).await {
+            Ok(inst) => {
+                let guest = inst.tollgate_plugin_policy_api().clone();
+                super::start_call(&mut store);
+                f(guest, store).await
+            }
+            Err(e) => (store, Err(e)),
+        };
         self.host
             .metrics
             .plugin_call(&self.name, call, started.elapsed());
@@ -115,7 +133,7 @@ impl PolicyPlugin {
     }
 
     /// Screen one request's text.
-    pub fn screen(&self, input: &PolicyInput<'_>) -> Result<PluginVerdict, PluginError> {
+    pub async fn screen(&self, input: &PolicyInput<'_>) -> Result<PluginVerdict, PluginError> {
         let wi = wit::ScreenInput {
             normalized: input.normalized.to_string(),
             original: input.original.to_string(),
@@ -123,7 +141,12 @@ impl PolicyPlugin {
             route: input.route.to_string(),
             policy_set: input.policy_set.to_string(),
         };
-        let v = self.call("screen", |g, s| g.call_screen(s, &wi))?;
+        let v = self
+            .call("screen", Yielding::Tokio, |g, mut s| async move {
+                let r = g.call_screen(&mut s, &wi).await;
+                (s, r)
+            })
+            .await?;
         Ok(PluginVerdict {
             action: match v.action {
                 wit::Action::Allow => PluginAction::Allow,

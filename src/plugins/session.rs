@@ -1,7 +1,8 @@
-//! One request's sandboxed instance of a provider plugin (`Session`): every call with a fresh
-//! CPU deadline, its output checked, a failure classified (trap, CPU or memory overrun, guest
-//! error).
+//! One request's sandboxed instance of a provider plugin (`Session`): every call `async`, with
+//! a fresh CPU budget (yielding to tokio at every epoch tick), its output checked, a failure
+//! classified (trap, CPU or memory overrun, guest error).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,9 +17,13 @@ impl Plugin {
 
     /// A fresh store and instance for one request. The session owns everything it needs, so it
     /// can travel with a response stream.
-    pub fn session(&self) -> Result<Session, PluginError> {
-        let mut store = self.host.new_store();
-        let instance = self.pre.instantiate(&mut store).map_err(|e| {
+    pub async fn session(&self) -> Result<Session, PluginError> {
+        self.start_session(Yielding::Tokio).await
+    }
+
+    pub(super) async fn start_session(&self, yielding: Yielding) -> Result<Session, PluginError> {
+        let mut store = self.host.new_store(yielding);
+        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
             let text = format!("{e:#}");
             if text.contains("maximum concurrent") || text.contains("pooling") {
                 PluginError::Busy {
@@ -31,7 +36,7 @@ impl Plugin {
         Ok(Session {
             host: self.host.clone(),
             name: self.manifest.name.as_str().into(),
-            store,
+            store: Some(store),
             instance,
         })
     }
@@ -62,35 +67,77 @@ pub(super) fn classify(
     }
 }
 
-/// One request's instance of a plugin. Every call gets a fresh CPU deadline.
+/// One request's instance of a plugin. Every call gets a fresh CPU budget.
 pub struct Session {
     host: Arc<HostCore>,
     name: Arc<str>,
-    store: Store<GuestState>,
+    /// The store, lent to each call; `None` once a call was cancelled (its future dropped
+    /// mid-call), after which the instance is not used again.
+    store: Option<Store<GuestState>>,
     instance: bindings::provider::Provider,
 }
 
 impl Session {
+    /// A session over an instance made elsewhere (a task step's, which also reads the task
+    /// API's exports of the same instance).
+    pub(super) fn from_parts(
+        host: Arc<HostCore>,
+        name: &str,
+        store: Store<GuestState>,
+        instance: bindings::provider::Provider,
+    ) -> Self {
+        Self {
+            host,
+            name: name.into(),
+            store: Some(store),
+            instance,
+        }
+    }
+
+    pub(super) fn host(&self) -> &Arc<HostCore> {
+        &self.host
+    }
+
     pub fn plugin_name(&self) -> &str {
         &self.name
     }
 
-    fn run<T>(
+    /// The provider API's exports of this instance, for a call.
+    fn guest(&self) -> wit::Guest {
+        self.instance.tollgate_plugin_provider_api().clone()
+    }
+
+    /// Run one call of the guest: `f` is lent the store and gives it back with the call's
+    /// result (a future, so the call runs `async` on its fiber and yields at every epoch tick).
+    /// The call gets a fresh CPU budget; its duration is measured and a failure is classified
+    /// and counted. Every call of every world goes through here.
+    pub(super) async fn run<T, Fut>(
         &mut self,
         call: &'static str,
-        f: impl FnOnce(&wit::Guest, &mut Store<GuestState>) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        self.store.set_epoch_deadline(self.host.deadline_ticks);
+        f: impl FnOnce(Store<GuestState>) -> Fut,
+    ) -> Result<T, PluginError>
+    where
+        Fut: Future<Output = (Store<GuestState>, wasmtime::Result<T>)>,
+    {
+        let Some(mut store) = self.store.take() else {
+            return Err(PluginError::Trap {
+                plugin: self.name.to_string(),
+                call,
+                detail: "an earlier call of this session was cancelled".into(),
+            });
+        };
+        start_call(&mut store);
         let started = Instant::now();
-        let guest = self.instance.tollgate_plugin_provider_api();
-        let out = f(guest, &mut self.store);
+        let (store, out) = f(store).await;
         let metrics = &self.host.metrics;
         metrics.plugin_call(&self.name, call, started.elapsed());
-        out.map_err(|e| {
-            let err = classify(&self.name, call, &self.store, e);
+        let out = out.map_err(|e| {
+            let err = classify(&self.name, call, &store, e);
             metrics.plugin_failure(&self.name, call, err.reason());
             err
-        })
+        });
+        self.store = Some(store);
+        out
     }
 
     /// A guest's error, with its message redacted (see [`guest_error`]).
@@ -116,8 +163,14 @@ impl Session {
         err
     }
 
-    pub fn manifest(&mut self) -> Result<Manifest, PluginError> {
-        let m = self.run("manifest", |g, s| g.call_describe(s))?;
+    pub async fn manifest(&mut self) -> Result<Manifest, PluginError> {
+        let g = self.guest();
+        let m = self
+            .run("manifest", |mut s| async move {
+                let r = g.call_describe(&mut s).await;
+                (s, r)
+            })
+            .await?;
         Ok(Manifest {
             name: m.name,
             version: m.version,
@@ -133,23 +186,27 @@ impl Session {
         })
     }
 
-    pub fn build_request(
+    pub async fn build_request(
         &mut self,
         ctx: &ChannelContext,
         kind: &str,
         request: &str,
     ) -> Result<Outbound, PluginError> {
         let wctx = wit_ctx(ctx);
-        let out = self.run("build_request", |g, s| {
-            g.call_build_request(s, &wctx, kind, request)
-        })?;
+        let g = self.guest();
+        let out = self
+            .run("build_request", |mut s| async move {
+                let r = g.call_build_request(&mut s, &wctx, kind, request).await;
+                (s, r)
+            })
+            .await?;
         match out {
             Err(e) => Err(self.guest_error(ctx, "build_request", e, None)),
             Ok(out) => checked_outbound(&self.host, &self.name, "build_request", out),
         }
     }
 
-    pub fn parse_response(
+    pub async fn parse_response(
         &mut self,
         ctx: &ChannelContext,
         kind: &str,
@@ -166,9 +223,13 @@ impl Session {
                 .collect(),
             body: response.body,
         };
-        let out = self.run("parse_response", |g, s| {
-            g.call_parse_response(s, &wctx, kind, &wresp)
-        })?;
+        let g = self.guest();
+        let out = self
+            .run("parse_response", |mut s| async move {
+                let r = g.call_parse_response(&mut s, &wctx, kind, &wresp).await;
+                (s, r)
+            })
+            .await?;
         match out {
             Err(e) => Err(self.guest_error(ctx, "parse_response", e, Some(status))),
             // The host saw the refusal itself, whatever the plugin made of it.
@@ -185,7 +246,7 @@ impl Session {
         }
     }
 
-    pub fn parse_stream_event(
+    pub async fn parse_stream_event(
         &mut self,
         ctx: &ChannelContext,
         event: Option<String>,
@@ -193,9 +254,13 @@ impl Session {
     ) -> Result<StreamOutput, PluginError> {
         let wctx = wit_ctx(ctx);
         let ev = wtypes::SseEvent { event, data };
-        let out = self.run("parse_stream_event", |g, s| {
-            g.call_parse_stream_event(s, &wctx, &ev)
-        })?;
+        let g = self.guest();
+        let out = self
+            .run("parse_stream_event", |mut s| async move {
+                let r = g.call_parse_stream_event(&mut s, &wctx, &ev).await;
+                (s, r)
+            })
+            .await?;
         match out {
             Ok(o) => Ok(StreamOutput {
                 chunks: o.chunks,

@@ -1,13 +1,9 @@
 //! The task API of a provider plugin (a component of the `task-provider` world): one sandboxed
-//! instance per task step ([`TaskSession`]), the same limits as a request's [`Session`], its
-//! built requests checked the same way, its answers converted into host types.
-//!
-//! [`Session`]: super::Session
+//! instance per task step ([`TaskSession`]), every call through the same [`Session::run`] as a
+//! request's (CPU budget, memory cap, yielding, metrics), its built requests checked the same
+//! way, its answers converted into host types.
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use wasmtime::Store;
+use wasmtime::component::Instance;
 
 use super::bindings::task_provider::exports::tollgate::plugin::task_api as twit;
 use super::session::{checked_outbound, classify, guest_error, wit_ctx};
@@ -35,77 +31,80 @@ impl Plugin {
     }
 
     /// A fresh instance for one task step; `None` if the plugin has no task API.
-    pub fn task_session(&self) -> Option<Result<TaskSession, PluginError>> {
+    pub async fn task_session(&self) -> Option<Result<TaskSession, PluginError>> {
         let indices = self.tasks.as_ref()?;
-        let mut store = self.host.new_store();
-        let made = self
-            .pre
-            .instance_pre()
-            .instantiate(&mut store)
-            .and_then(|instance| indices.load(&mut store, &instance));
+        let mut store = self.host.new_store(Yielding::Tokio);
+        let made: wasmtime::Result<(Instance, _, _)> = async {
+            let instance = self
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let provider = bindings::provider::ProviderIndices::new(self.pre.instance_pre())?
+                .load(&mut store, &instance)?;
+            let tasks = indices.load(&mut store, &instance)?;
+            Ok((instance, provider, tasks))
+        }
+        .await;
         Some(match made {
-            Ok(instance) => Ok(TaskSession {
-                host: self.host.clone(),
-                name: self.manifest.name.as_str().into(),
-                store,
-                instance,
+            Ok((_, provider, tasks)) => Ok(TaskSession {
+                session: Session::from_parts(self.host.clone(), self.name(), store, provider),
+                tasks,
             }),
             Err(e) => Err(classify(self.name(), "instantiate", &store, e)),
         })
     }
 }
 
-/// One task step's instance of a plugin. Every call gets a fresh CPU deadline.
+/// One task step's instance of a plugin.
 pub struct TaskSession {
-    host: Arc<HostCore>,
-    name: Arc<str>,
-    store: Store<GuestState>,
-    instance: bindings::task_provider::TaskProvider,
+    session: Session,
+    tasks: bindings::task_provider::TaskProvider,
 }
 
 impl TaskSession {
-    fn run<T>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&twit::Guest, &mut Store<GuestState>) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        self.store.set_epoch_deadline(self.host.deadline_ticks);
-        let started = Instant::now();
-        let guest = self.instance.tollgate_plugin_task_api();
-        let out = f(guest, &mut self.store);
-        let metrics = &self.host.metrics;
-        metrics.plugin_call(&self.name, call, started.elapsed());
-        out.map_err(|e| {
-            let err = classify(&self.name, call, &self.store, e);
-            metrics.plugin_failure(&self.name, call, err.reason());
-            err
-        })
+    fn guest(&self) -> twit::Guest {
+        self.tasks.tollgate_plugin_task_api().clone()
     }
 
-    pub fn build_submit(
+    fn name(&self) -> &str {
+        self.session.plugin_name()
+    }
+
+    fn host(&self) -> &HostCore {
+        self.session.host()
+    }
+
+    pub async fn build_submit(
         &mut self,
         ctx: &ChannelContext,
         kind: &str,
         input: &str,
     ) -> Result<Outbound, PluginError> {
         let wctx = wit_ctx(ctx);
-        match self.run("build_submit", |g, s| {
-            g.call_build_submit(s, &wctx, kind, input)
-        })? {
+        let g = self.guest();
+        let out = self
+            .session
+            .run("build_submit", |mut s| async move {
+                let r = g.call_build_submit(&mut s, &wctx, kind, input).await;
+                (s, r)
+            })
+            .await?;
+        match out {
             Err(e) => Err(guest_error(
-                &self.host,
-                &self.name,
+                self.host(),
+                self.name(),
                 ctx,
                 "build_submit",
                 e,
                 None,
             )),
-            Ok(out) => checked_outbound(&self.host, &self.name, "build_submit", out),
+            Ok(out) => checked_outbound(self.host(), self.name(), "build_submit", out),
         }
     }
 
     /// The job id and the state the submission's answer shows.
-    pub fn parse_submit(
+    pub async fn parse_submit(
         &mut self,
         ctx: &ChannelContext,
         kind: &str,
@@ -114,12 +113,18 @@ impl TaskSession {
         let wctx = wit_ctx(ctx);
         let status = response.status;
         let wresp = wit_response(response);
-        match self.run("parse_submit", |g, s| {
-            g.call_parse_submit(s, &wctx, kind, &wresp)
-        })? {
+        let g = self.guest();
+        let out = self
+            .session
+            .run("parse_submit", |mut s| async move {
+                let r = g.call_parse_submit(&mut s, &wctx, kind, &wresp).await;
+                (s, r)
+            })
+            .await?;
+        match out {
             Err(e) => Err(guest_error(
-                &self.host,
-                &self.name,
+                self.host(),
+                self.name(),
                 ctx,
                 "parse_submit",
                 e,
@@ -135,26 +140,34 @@ impl TaskSession {
         }
     }
 
-    pub fn build_poll(
+    pub async fn build_poll(
         &mut self,
         ctx: &ChannelContext,
         job_id: &str,
     ) -> Result<Outbound, PluginError> {
         let wctx = wit_ctx(ctx);
-        match self.run("build_poll", |g, s| g.call_build_poll(s, &wctx, job_id))? {
+        let g = self.guest();
+        let out = self
+            .session
+            .run("build_poll", |mut s| async move {
+                let r = g.call_build_poll(&mut s, &wctx, job_id).await;
+                (s, r)
+            })
+            .await?;
+        match out {
             Err(e) => Err(guest_error(
-                &self.host,
-                &self.name,
+                self.host(),
+                self.name(),
                 ctx,
                 "build_poll",
                 e,
                 None,
             )),
-            Ok(out) => checked_outbound(&self.host, &self.name, "build_poll", out),
+            Ok(out) => checked_outbound(self.host(), self.name(), "build_poll", out),
         }
     }
 
-    pub fn parse_poll(
+    pub async fn parse_poll(
         &mut self,
         ctx: &ChannelContext,
         job_id: &str,
@@ -163,12 +176,18 @@ impl TaskSession {
         let wctx = wit_ctx(ctx);
         let status = response.status;
         let wresp = wit_response(response);
-        match self.run("parse_poll", |g, s| {
-            g.call_parse_poll(s, &wctx, job_id, &wresp)
-        })? {
+        let g = self.guest();
+        let out = self
+            .session
+            .run("parse_poll", |mut s| async move {
+                let r = g.call_parse_poll(&mut s, &wctx, job_id, &wresp).await;
+                (s, r)
+            })
+            .await?;
+        match out {
             Err(e) => Err(guest_error(
-                &self.host,
-                &self.name,
+                self.host(),
+                self.name(),
                 ctx,
                 "parse_poll",
                 e,
@@ -178,10 +197,9 @@ impl TaskSession {
         }
     }
 
-    /// A guest's job state in host types, checked: a success names at least one output, at
-    /// most 64, each with a URL of at most 64 KiB (a `data:` URL may be larger: up to the
-    /// plugin's memory); an upstream refusal of the credential is an error whatever the
-    /// plugin made of it.
+    /// A guest's job state in host types, checked: a success names 1 to 64 outputs, each an
+    /// `http(s)` URL of at most 64 KiB or a `data:` URL; an upstream refusal of the credential is
+    /// an error whatever the plugin made of it.
     fn state(
         &self,
         ctx: &ChannelContext,
@@ -197,8 +215,8 @@ impl TaskSession {
                 retry_after_ms: None,
             };
             return Err(guest_error(
-                &self.host,
-                &self.name,
+                self.host(),
+                self.name(),
                 ctx,
                 call,
                 e,
@@ -226,20 +244,20 @@ impl TaskSession {
                 JobState::Succeeded(out)
             }
             twit::JobState::Failed(e) => {
-                JobState::Failed(guest_error(&self.host, &self.name, ctx, call, e, None))
+                JobState::Failed(guest_error(self.host(), self.name(), ctx, call, e, None))
             }
         })
     }
 
     fn bad_output(&self, call: &'static str, detail: &str) -> PluginError {
         let err = PluginError::BadOutput {
-            plugin: self.name.to_string(),
+            plugin: self.name().to_string(),
             call,
             detail: detail.into(),
         };
-        self.host
+        self.host()
             .metrics
-            .plugin_failure(&self.name, call, err.reason());
+            .plugin_failure(self.name(), call, err.reason());
         err
     }
 }

@@ -4,6 +4,8 @@
 //! The catalog is rebuilt from config when `config.yaml` changes and swapped atomically; a request
 //! holds its `Route` (and through it its `Channel`) for its whole life.
 
+pub mod health;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -48,6 +50,8 @@ pub struct Route {
     pub anonymous: bool,
     /// Async tasks of this model time out after this long (`None`: `tasks.deadline`).
     pub task_deadline: Option<std::time::Duration>,
+    /// How this model's prompts are counted for the estimate.
+    pub tokenizer: crate::config::Tokenizer,
 }
 
 impl Route {
@@ -86,6 +90,8 @@ impl Route {
 pub struct Pick {
     pub route: Route,
     pub plugin: Arc<Plugin>,
+    /// The model's other channels, in the order to fail over to them.
+    pub alternates: Vec<(Route, Arc<Plugin>)>,
 }
 
 impl Pick {
@@ -102,22 +108,50 @@ impl Pick {
     }
 }
 
+/// One channel serving a model, with its share and rank.
+#[derive(Debug, Clone)]
+struct Member {
+    route: Route,
+    weight: u32,
+    priority: u32,
+}
+
 #[derive(Debug, Default)]
 struct Catalog {
-    models: BTreeMap<String, Route>,
+    /// Each model's channels; the first is the one `channel:` names (the catalog's face).
+    models: BTreeMap<String, Vec<Member>>,
 }
 
 pub struct Routing {
     catalog: ArcSwap<Catalog>,
     plugins: Arc<Registry>,
+    health: health::Health,
 }
 
 impl Routing {
     pub fn new(routes: &RoutesConfig, plugins: Arc<Registry>) -> Self {
+        Self::with_health(
+            routes,
+            plugins,
+            health::Health::new(Default::default(), None),
+        )
+    }
+
+    pub fn with_health(
+        routes: &RoutesConfig,
+        plugins: Arc<Registry>,
+        health: health::Health,
+    ) -> Self {
         Self {
             catalog: ArcSwap::from_pointee(build(routes)),
             plugins,
+            health,
         }
+    }
+
+    /// The channels' breakers.
+    pub fn health(&self) -> &health::Health {
+        &self.health
     }
 
     /// Swap in a new set of channels and models.
@@ -129,22 +163,59 @@ impl Routing {
         &self.plugins
     }
 
+    /// The channels to try for one request of `model`, in order (see [`health::order`]): the
+    /// first with its plugin as the pick, the others (whose plugins are loaded) as alternates.
     pub fn pick(&self, model: &str) -> Result<Pick, RoutingError> {
         let catalog = self.catalog.load();
-        let route = catalog
+        let members = catalog
             .models
             .get(model)
             .ok_or_else(|| RoutingError::UnknownModel(model.to_string()))?;
-        let plugin = self.plugins.get(&route.channel.plugin).ok_or_else(|| {
-            RoutingError::PluginNotLoaded {
+        if let [only] = members.as_slice() {
+            let plugin = self.plugin_for(model, &only.route)?;
+            return Ok(Pick {
+                route: only.route.clone(),
+                plugin,
+                alternates: Vec::new(),
+            });
+        }
+        let ranked = members
+            .iter()
+            .map(|m| {
+                let available = self.health.available(&m.route.channel.name);
+                (m, m.weight, m.priority, available)
+            })
+            .collect();
+        let mut candidates = Vec::with_capacity(members.len());
+        let mut first_error = None;
+        for m in health::order(ranked, |total| rand::random::<u64>() % total) {
+            match self.plugin_for(model, &m.route) {
+                Ok(p) => candidates.push((m.route.clone(), p)),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let mut it = candidates.into_iter();
+        let Some((route, plugin)) = it.next() else {
+            return Err(
+                first_error.unwrap_or_else(|| RoutingError::UnknownModel(model.to_string()))
+            );
+        };
+        Ok(Pick {
+            route,
+            plugin,
+            alternates: it.collect(),
+        })
+    }
+
+    fn plugin_for(&self, model: &str, route: &Route) -> Result<Arc<Plugin>, RoutingError> {
+        self.plugins
+            .get(&route.channel.plugin)
+            .ok_or_else(|| RoutingError::PluginNotLoaded {
                 model: model.to_string(),
                 plugin: route.channel.plugin.clone(),
-            }
-        })?;
-        Ok(Pick {
-            route: route.clone(),
-            plugin,
-        })
+            })
     }
 
     /// Models of `routes` that would be billed as free by accident: no configured price, not
@@ -154,12 +225,16 @@ impl Routing {
         build(routes)
             .models
             .values()
+            .flatten()
+            .map(|m| &m.route)
             .filter(|r| {
                 self.plugins
                     .get(&r.channel.plugin)
                     .is_some_and(|p| r.price_with(Some(&p)).is_none())
             })
             .map(|r| r.model.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect()
     }
 
@@ -169,7 +244,8 @@ impl Routing {
         catalog
             .models
             .values()
-            .map(|r| (r.clone(), self.plugins.get(&r.channel.plugin)))
+            .filter_map(|m| m.first())
+            .map(|m| (m.route.clone(), self.plugins.get(&m.route.channel.plugin)))
             .collect()
     }
 }
@@ -199,19 +275,31 @@ fn build(routes: &RoutesConfig) -> Catalog {
         .models
         .iter()
         .filter_map(|m| {
-            let channel = channels.get(m.channel.as_str())?.clone();
-            Some((
-                m.name.clone(),
-                Route {
-                    model: m.name.clone(),
-                    upstream_model: m.upstream_model.clone(),
-                    channel,
-                    price: m.price,
-                    free: m.free,
-                    anonymous: routes.anonymous_models.contains(&m.name),
-                    task_deadline: m.task_deadline,
-                },
-            ))
+            let route = |channel: Arc<Channel>, upstream_model: &str| Route {
+                model: m.name.clone(),
+                upstream_model: upstream_model.to_string(),
+                channel,
+                price: m.price,
+                free: m.free,
+                anonymous: routes.anonymous_models.contains(&m.name),
+                task_deadline: m.task_deadline,
+                tokenizer: m.tokenizer,
+            };
+            let mut members = vec![Member {
+                route: route(channels.get(m.channel.as_str())?.clone(), &m.upstream_model),
+                weight: m.weight,
+                priority: m.priority,
+            }];
+            for c in &m.channels {
+                if let Some(ch) = channels.get(c.channel.as_str()) {
+                    members.push(Member {
+                        route: route(ch.clone(), &c.upstream_model),
+                        weight: c.weight,
+                        priority: c.priority,
+                    });
+                }
+            }
+            Some((m.name.clone(), members))
         })
         .collect();
     Catalog { models }

@@ -10,8 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -78,12 +77,15 @@ pub fn operator_routes() -> Router<SharedState> {
 /// The raw body, read whole within `server.body_read_timeout` (408 otherwise), holding its
 /// share of `server.max_inflight_body_bytes` until dropped (503 when there is no room), with a
 /// too-large or unreadable body turned into our error body.
-pub struct RawBody(pub Bytes, pub BodyPermit);
+pub struct RawBody(pub Vec<u8>, pub BodyPermit);
 
 impl FromRequest<SharedState> for RawBody {
     type Rejection = ApiError;
 
+    /// The body read into one buffer, sized once from `Content-Length` when the client sent it
+    /// (no copy of the whole body on the way in).
     async fn from_request(req: Request, st: &SharedState) -> Result<Self, Self::Rejection> {
+        use http_body_util::BodyExt as _;
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -95,28 +97,33 @@ impl FromRequest<SharedState> for RawBody {
         }
         let permit = st.body_budget.take(declared).ok_or(RequestError::Busy)?;
         let wait = st.config.server.body_read_timeout;
-        let read = tokio::time::timeout(wait, Bytes::from_request(req, st))
-            .await
-            .map_err(|_| RequestError::BodyTimeout(wait))?;
-        match read {
-            Ok(b) => Ok(Self(b, permit)),
-            Err(BytesRejection::FailedToBufferBody(e)) => {
-                let too_large = e.body_text().to_ascii_lowercase().contains("length limit")
-                    || e.status() == StatusCode::PAYLOAD_TOO_LARGE;
-                if too_large {
-                    Err(RequestError::TooLarge { limit }.into())
-                } else {
-                    Err(ApiError::invalid(
+        let capacity = declared
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0)
+            .min(limit);
+        let mut body = req.into_body();
+        let read = async move {
+            let mut buf: Vec<u8> = Vec::with_capacity(capacity);
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Err(ApiError::invalid(
                         "the request body could not be read",
                         None,
-                    ))
+                    ));
+                };
+                if let Ok(data) = frame.into_data() {
+                    if buf.len().saturating_add(data.len()) > limit {
+                        return Err(RequestError::TooLarge { limit }.into());
+                    }
+                    buf.extend_from_slice(&data);
                 }
             }
-            Err(_) => Err(ApiError::invalid(
-                "the request body could not be read",
-                None,
-            )),
-        }
+            Ok(buf)
+        };
+        let buf = tokio::time::timeout(wait, read)
+            .await
+            .map_err(|_| RequestError::BodyTimeout(wait))??;
+        Ok(Self(buf, permit))
     }
 }
 
@@ -168,7 +175,11 @@ async fn pipeline_handler<R: Route>(
         // The body's share of the in-flight budget is held until the answer is made.
         let RawBody(bytes, _permit) = body?;
         let caller = caller_of(&st, headers).await?;
-        let call = R::parse(pipeline::Body::parse(bytes)?, request_id)?;
+        // A large body waits for its turn at the heavy steps before it is parsed.
+        let turn = st.heavy_turns.take(bytes.len()).await;
+        let mut body = pipeline::Body::parse(bytes)?;
+        body.turn = turn;
+        let call = R::parse(body, request_id)?;
         let model = call.model.clone();
         let limit = st.config.server.request_timeout;
         let reply = tokio::time::timeout(limit, R::run(&st, caller, call))

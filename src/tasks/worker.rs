@@ -212,12 +212,12 @@ fn no_tasks() -> Next {
 
 async fn submit(st: &AppState, pick: &Pick, t: &Task) -> Next {
     let ctx = pick.route.context();
-    let mut s = match pick.plugin.task_session() {
+    let mut s = match pick.plugin.task_session().await {
         None => return no_tasks(),
         Some(Err(e)) => return after_plugin_error(e),
         Some(Ok(s)) => s,
     };
-    let out = match s.build_submit(&ctx, &t.kind, &t.input) {
+    let out = match s.build_submit(&ctx, &t.kind, &t.input).await {
         Ok(o) => o,
         Err(e) => return after_plugin_error(e),
     };
@@ -225,7 +225,7 @@ async fn submit(st: &AppState, pick: &Pick, t: &Task) -> Next {
         Ok(r) => r,
         Err(e) => return Next::Retry(e.to_string(), None),
     };
-    match s.parse_submit(&ctx, &t.kind, resp) {
+    match s.parse_submit(&ctx, &t.kind, resp).await {
         Err(e) => after_plugin_error(e),
         Ok((job_id, state)) => {
             let mut next = after_state(st, t, state);
@@ -246,12 +246,12 @@ async fn poll(st: &AppState, pick: &Pick, t: &Task) -> Next {
         return Next::Fail("provider_error", "the task has no job id to poll".into());
     };
     let ctx = pick.route.context();
-    let mut s = match pick.plugin.task_session() {
+    let mut s = match pick.plugin.task_session().await {
         None => return no_tasks(),
         Some(Err(e)) => return after_plugin_error(e),
         Some(Ok(s)) => s,
     };
-    let out = match s.build_poll(&ctx, job_id) {
+    let out = match s.build_poll(&ctx, job_id).await {
         Ok(o) => o,
         Err(e) => return after_plugin_error(e),
     };
@@ -259,7 +259,7 @@ async fn poll(st: &AppState, pick: &Pick, t: &Task) -> Next {
         Ok(r) => r,
         Err(e) => return Next::Retry(e.to_string(), None),
     };
-    match s.parse_poll(&ctx, job_id, resp) {
+    match s.parse_poll(&ctx, job_id, resp).await {
         Err(e) => after_plugin_error(e),
         Ok(state) => after_state(st, t, state),
     }

@@ -1,10 +1,12 @@
 //! Criterion benchmark of the plugin boundary: a fresh sandboxed instance per request, then the
-//! bundled `openai` plugin building an upstream request and parsing a response.
+//! bundled `openai` plugin building an upstream request and parsing a response. Calls are
+//! `async` (a fiber per call); each iteration drives its future with `block_on`.
 //! Run: `cargo bench --bench plugins`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use futures::executor::block_on;
 use tollgate::plugins::{ChannelContext, InboundResponse, Registry};
 
 const REQUEST: &str = r#"{"model":"gpt-4o-mini","stream":false,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
@@ -24,11 +26,11 @@ fn plugin_calls(c: &mut Criterion) {
         options: Vec::new(),
     };
     c.bench_function("plugin/instantiate", |b| {
-        b.iter(|| plugin.session().unwrap())
+        b.iter(|| block_on(plugin.session()).unwrap())
     });
-    let mut session = plugin.session().unwrap();
+    let mut session = block_on(plugin.session()).unwrap();
     c.bench_function("plugin/build_request", |b| {
-        b.iter(|| session.build_request(&ctx, "chat", REQUEST).unwrap())
+        b.iter(|| block_on(session.build_request(&ctx, "chat", REQUEST)).unwrap())
     });
     c.bench_function("plugin/parse_response", |b| {
         b.iter(|| {
@@ -37,19 +39,19 @@ fn plugin_calls(c: &mut Criterion) {
                 headers: Vec::new(),
                 body: RESPONSE.as_bytes().to_vec(),
             };
-            session.parse_response(&ctx, "chat", resp).unwrap()
+            block_on(session.parse_response(&ctx, "chat", resp)).unwrap()
         })
     });
     c.bench_function("plugin/whole_request", |b| {
         b.iter(|| {
-            let mut s = plugin.session().unwrap();
-            s.build_request(&ctx, "chat", REQUEST).unwrap();
+            let mut s = block_on(plugin.session()).unwrap();
+            block_on(s.build_request(&ctx, "chat", REQUEST)).unwrap();
             let resp = InboundResponse {
                 status: 200,
                 headers: Vec::new(),
                 body: RESPONSE.as_bytes().to_vec(),
             };
-            s.parse_response(&ctx, "chat", resp).unwrap()
+            block_on(s.parse_response(&ctx, "chat", resp)).unwrap()
         })
     });
 }

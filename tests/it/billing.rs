@@ -1755,7 +1755,10 @@ async fn usage_beyond_the_reservation_is_charged_in_full_and_the_account_refused
     // `max_tokens: 1`: the reservation covers the prompt bound and one output token; the
     // upstream reports 19 tokens in and 10 out (tests/fixtures/openai/chat.json).
     let body = r#"{"model":"paid-up","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
-    let bound = tollgate::pipeline::money::prompt_tokens_bound(body);
+    let bound = tollgate::pipeline::tokens::chat(
+        tollgate::pipeline::tokens::Tokenizer::O200k,
+        &serde_json::from_str(body).unwrap(),
+    );
     let estimate = i64::try_from(bound).unwrap() * 1000 + 2000;
     let cost = 19 * 1000 + 10 * 2000;
     assert!(

@@ -303,3 +303,188 @@ async fn shutdown_moves_every_charge_into_the_ledger_and_ends_background_work() 
         .unwrap();
     assert_eq!(charges, 2, "both charges are in the ledger");
 }
+
+/// The gateway's memory high-water mark (`VmHWM`) and current size (`VmRSS`), in bytes.
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A request's body costs about its size once, not a copy per step: forty concurrent chat
+/// requests of 3.9 MB, all held in flight at once (the upstream answers none until all forty
+/// have arrived), raise the `tollgate serve` process's peak memory by less than eight bodies a
+/// request (parse, screening, token count, plugin, upstream send).
+#[test]
+fn forty_large_bodies_in_flight_cost_about_their_size_each() {
+    use std::io::BufRead as _;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const REQUESTS: usize = 40;
+    const BODY: usize = 3_900_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The upstream holds every large request until all have arrived, then answers each.
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let upstream = {
+        let (arrived, all) = (arrived.clone(), all.clone());
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(move |body: axum::body::Bytes| {
+                    let (arrived, all) = (arrived.clone(), all.clone());
+                    async move {
+                        let large = body.len() > 1_000_000;
+                        drop(body);
+                        let everyone = all.notified();
+                        if !large {
+                            // A small request (the warm-up) is answered at once.
+                        } else if arrived.fetch_add(1, Ordering::SeqCst) + 1 >= REQUESTS {
+                            all.notify_waiters();
+                        } else {
+                            let _ = tokio::time::timeout(Duration::from_secs(120), everyone).await;
+                        }
+                        (
+                            [("content-type", "application/json")],
+                            fixture("openai/chat.json"),
+                        )
+                    }
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::disable());
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            format!("http://{addr}/v1")
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("plugins")).unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"server:
+  listen: "127.0.0.1:0"
+  max_body_bytes: 4194304
+  max_inflight_body_bytes: 268435456
+  request_timeout: 300s
+  body_read_timeout: 120s
+operator: {{ listen: "127.0.0.1:0" }}
+plugins: {{ dir: "{plugins}", watch: false, call_timeout: 10s }}
+upstream: {{ timeout: 300s }}
+database: {{ url: "sqlite://{db}" }}
+moderation: {{ policies_dir: "{policies}", watch: false }}
+channels:
+  - {{ name: mock, plugin: openai, base_url: "{upstream}", api_key_env: MOCK_KEY }}
+models:
+  - {{ name: big, channel: mock, upstream_model: gpt-test, free: true }}
+auth: {{ anonymous_models: [big] }}
+log: {{ filter: info, json: true }}
+"#,
+            plugins = dir.path().join("plugins").display(),
+            db = dir.path().join("tollgate.db").display(),
+            policies = concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("MOCK_KEY", "sk-test-secret")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let child = Kill(child);
+    let public = loop {
+        let line = lines.next().expect("gateway output").unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["fields"]["message"] == "tollgate is serving"
+        {
+            break format!("http://{}", v["fields"]["public_addr"].as_str().unwrap());
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let pid = child.0.id();
+    // A benign English prompt of 3.9 MB.
+    let sentence = "The weather is mild today and the river runs slowly past the old mill. ";
+    let text = sentence.repeat(BODY / sentence.len());
+    let body = bytes::Bytes::from(
+        serde_json::json!({"model": "big", "messages": [{"role": "user", "content": text}]})
+            .to_string(),
+    );
+    drop(text);
+    let client = reqwest::Client::new();
+    let url = format!("{public}/v1/chat/completions");
+    // One small request first: the plugin, the policies and the tokenizer are all warm.
+    let warm = rt
+        .block_on(
+            client
+                .post(&url)
+                .json(&serde_json::json!({"model": "big", "messages": [{"role": "user", "content": "hi"}]}))
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    let (_, before) = memory_of(pid);
+    let statuses = rt.block_on(async {
+        let mut handles = Vec::new();
+        for _ in 0..REQUESTS {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            handles.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap_or_default())
+            }));
+        }
+        let mut statuses = Vec::new();
+        for h in handles {
+            statuses.push(h.await.unwrap());
+        }
+        statuses
+    });
+    assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    assert_eq!(arrived.load(Ordering::SeqCst), REQUESTS);
+    let (peak, after) = memory_of(pid);
+    let per_request = peak.saturating_sub(before) / REQUESTS as u64;
+    eprintln!(
+        "body {} bytes; before {} MB, peak {} MB, after {} MB; {} MB per request in flight ({:.1} bodies)",
+        body.len(),
+        before >> 20,
+        peak >> 20,
+        after >> 20,
+        per_request >> 20,
+        per_request as f64 / body.len() as f64
+    );
+    assert!(
+        per_request < 8 * body.len() as u64,
+        "{per_request} bytes a request in flight for a body of {}",
+        body.len()
+    );
+}

@@ -236,3 +236,75 @@ async fn a_guest_cannot_leave_the_base_url_or_set_owned_headers() {
     assert_eq!(resp.status(), 200);
     assert_eq!(up.hits(), 1);
 }
+
+/// A guest that spins for its whole CPU budget holds no async worker: on a gateway whose
+/// runtime has one worker thread, a cheap request sent while the spinner runs is answered
+/// before the spinner's call ends (its call yields to tokio at every epoch tick), and the
+/// spinner still fails on its CPU bound.
+#[test]
+fn a_spinning_guest_does_not_stall_other_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gateway_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let up = client_rt.block_on(MockUpstream::start());
+    let gw = gateway_rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins).unwrap();
+        std::fs::copy(artifact("tg_spin"), plugins.join("tg_spin.wasm")).unwrap();
+        let channels = format!(
+            "  - {{ name: ch-spin, plugin: tg_spin, base_url: \"{}\", api_key_env: MOCK_KEY }}\n",
+            up.base_url()
+        );
+        let models =
+            "  - { name: m-spin, channel: ch-spin, upstream_model: gpt-test, free: true }\n";
+        // Long enough that the spinner is surely still running when the cheap request ends.
+        let yaml = config_yaml(None, &channels, models, &plugins)
+            .replace("call_timeout: 200ms", "call_timeout: 2s");
+        TestGateway::start_yaml(&yaml, dir).await
+    });
+    let order = std::sync::Arc::new(AtomicUsize::new(0));
+    let post = |model: &'static str| {
+        let client = gw.client.clone();
+        let url = format!("{}/v1/chat/completions", gw.public);
+        let order = order.clone();
+        async move {
+            let r = client
+                .post(url)
+                .json(&serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (order.fetch_add(1, Ordering::SeqCst), status, body)
+        }
+    };
+    let (spinner, cheap) = client_rt.block_on(async {
+        let spinner = tokio::spawn(post("m-spin"));
+        // Give the spinner a head start so that its call is in progress.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let cheap = post("demo-chat").await;
+        (spinner.await.unwrap(), cheap)
+    });
+    assert_eq!(cheap.1, 200, "the cheap request is served: {}", cheap.2);
+    assert_eq!(spinner.1, 502, "the spinner fails: {}", spinner.2);
+    assert_eq!(
+        spinner.2["error"]["code"], "plugin_timeout",
+        "{}",
+        spinner.2
+    );
+    assert!(
+        cheap.0 < spinner.0,
+        "the cheap request was answered while the spinner's call still ran"
+    );
+    gateway_rt.block_on(async move { drop(gw) });
+}

@@ -533,6 +533,10 @@ pub fn test_env() -> BTreeMap<String, String> {
             "BFL_KEY".to_string(),
             crate::task_mocks::BFL_KEY.to_string(),
         ),
+        (
+            "GEMINI_KEY".to_string(),
+            crate::gemini_mock::GEMINI_KEY.to_string(),
+        ),
     ])
 }
 

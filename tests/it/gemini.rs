@@ -54,6 +54,7 @@ async fn gateway(up: &GeminiMock) -> TestGateway {
         "notfound",
         "broken",
         "midstream",
+        "tools",
     ] {
         models.push_str(&format!(
             "  - {{ name: mock-{s}, channel: gemini, free: true }}\n"
@@ -215,6 +216,73 @@ async fn a_stream_is_relayed_as_openai_chunks_with_usage() {
     assert_eq!(
         usage["usage"],
         json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    );
+}
+
+#[tokio::test]
+async fn tools_and_calls_round_trip_with_the_thought_signature() {
+    let up = GeminiMock::start().await;
+    let gw = gateway(&up).await;
+    let tools = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    }}]);
+    let mut messages = vec![json!({"role": "user", "content": "Weather in Paris?"})];
+    let resp = chat(
+        &gw,
+        None,
+        json!({"model": "mock-tools", "messages": messages, "tools": tools,
+               "tool_choice": "required"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let sent = up.last_body();
+    assert_eq!(
+        sent["tools"],
+        json!([{"functionDeclarations": [{"name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": tools[0]["function"]["parameters"]}]}])
+    );
+    assert_eq!(
+        sent["toolConfig"],
+        json!({"functionCallingConfig": {"mode": "ANY"}})
+    );
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris"}));
+
+    // The client sends the assistant message back as it got it, then the result.
+    messages.push(choice["message"].clone());
+    messages.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "18 C"}));
+    let resp = chat(
+        &gw,
+        None,
+        json!({"model": "mock-tools", "messages": messages, "tools": tools}),
+    )
+    .await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Hello from Gemini!"
+    );
+    assert_eq!(
+        up.last_body()["contents"],
+        json!([
+            {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "get_weather",
+                "args": {"city": "Paris"}}, "thoughtSignature": "bW9jay1zaWduYXR1cmU="}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "get_weather",
+                "response": {"content": "18 C"}}}]},
+        ])
     );
 }
 

@@ -15,7 +15,8 @@
 //! content), `ratelimit` (429 `RESOURCE_EXHAUSTED` with `RetryInfo` `retryDelay` of
 //! [`RETRY_DELAY_SECS`]), `unauthenticated` (401), `forbidden` (403), `invalid` (400 whose
 //! message echoes a key-like string), `notfound` (404), `broken` (500), `midstream` (a stream
-//! whose second event is an error). A model whose id names an image model (`-image`) answers
+//! whose second event is an error), `tools` (calls the first declared function, with a thought
+//! signature, unless the conversation already holds a function response: then text). A model whose id names an image model (`-image`) answers
 //! with a caption and a real PNG as `inlineData`.
 
 #![allow(
@@ -114,6 +115,8 @@ fn google_error(status: u16, word: &str, message: &str, details: Value) -> Respo
 }
 
 fn invalid(message: &str) -> Response {
+    // Shown with a failing test's output.
+    eprintln!("gemini mock: 400 {message}");
     google_error(400, "INVALID_ARGUMENT", message, json!([]))
 }
 
@@ -204,12 +207,17 @@ fn check_body(body: &Value) -> Result<(), String> {
                 "functionResponse",
                 "fileData",
             ];
-            if !p
-                .as_object()
-                .is_some_and(|o| o.len() == 1 && known.contains(&o.keys().next().unwrap().as_str()))
-            {
+            let Some(o) = p.as_object() else {
+                return Err(format!("contents[{i}].parts: a part is an object"));
+            };
+            // One kind of data, and a thought signature beside it at most.
+            let data = o.keys().filter(|k| known.contains(&k.as_str())).count();
+            let other = o
+                .keys()
+                .any(|k| !known.contains(&k.as_str()) && k != "thoughtSignature");
+            if data != 1 || other {
                 return Err(format!(
-                    "contents[{i}].parts: a part needs one kind of data"
+                    "contents[{i}].parts: a part needs one kind of data: {p}"
                 ));
             }
         }
@@ -227,6 +235,15 @@ fn prompt_text(body: &Value) -> String {
         .filter_map(|p| p["text"].as_str())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn prompt_has_function_response(body: &Value) -> bool {
+    body["contents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["parts"].as_array().into_iter().flatten())
+        .any(|p| p.get("functionResponse").is_some())
 }
 
 fn scenario(model: &str, body: &Value) -> String {
@@ -392,6 +409,19 @@ async fn generate(
             json!({"error": {"code": 503, "message": "The model is overloaded. Please try again later.",
                              "status": "UNAVAILABLE"}}),
         ]),
+        "tools" if !prompt_has_function_response(&body) => {
+            let name = body
+                .pointer("/tools/0/functionDeclarations/0/name")
+                .and_then(Value::as_str)
+                .unwrap_or("missing_tool");
+            json_ok(&answer(
+                model,
+                json!([{"functionCall": {"name": name, "args": {"city": "Paris"}},
+                        "thoughtSignature": "bW9jay1zaWduYXR1cmU="}]),
+                Some("STOP"),
+                usage(20, 8, 0),
+            ))
+        }
         _ if image_model => {
             let data = base64::engine::general_purpose::STANDARD.encode(png());
             let (p, c) = IMAGE_USAGE;

@@ -365,7 +365,15 @@ fn model_parts(m: &Value, i: usize) -> Result<Vec<Value>, PluginError> {
         if !args.is_object() {
             return Err(bad("needs `function.arguments` holding a JSON object"));
         }
-        parts.push(json!({"functionCall": {"name": name, "args": args}}));
+        let mut part = json!({"functionCall": {"name": name, "args": args}});
+        // The signature Gemini gave the call (see `response::tool_calls`), sent back with it.
+        if let Some(sig) = call
+            .pointer("/extra_content/google/thought_signature")
+            .and_then(Value::as_str)
+        {
+            part["thoughtSignature"] = json!(sig);
+        }
+        parts.push(part);
     }
     Ok(parts)
 }
@@ -612,7 +620,8 @@ mod tests {
                 {"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": null, "tool_calls": [
                     {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}
+                     "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                     "extra_content": {"google": {"thought_signature": "c2ln"}}}
                 ]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
                 {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp\": 18}"},
@@ -626,7 +635,8 @@ mod tests {
         assert_eq!(
             b["contents"][1],
             json!({"role": "model", "parts": [
-                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]})
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                 "thoughtSignature": "c2ln"}]})
         );
         assert_eq!(
             b["contents"][2],

@@ -75,8 +75,7 @@ pub struct Parts {
     pub text: String,
     /// `data:` URLs of the images.
     pub images: Vec<String>,
-    /// (name, arguments as JSON text).
-    pub calls: Vec<(String, String)>,
+    pub calls: Vec<Call>,
 }
 
 impl Parts {
@@ -92,6 +91,15 @@ impl Parts {
                 .collect(),
         )
     }
+}
+
+/// One `functionCall` part.
+pub struct Call {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub args: String,
+    /// The part's `thoughtSignature` (Gemini 3 wants it back with the call in the next turn).
+    pub signature: Option<String>,
 }
 
 /// Read a candidate's `content.parts`: text (not the model's thoughts), images, function calls.
@@ -117,24 +125,37 @@ pub fn parts(candidate: &Value) -> Parts {
         } else if let Some(f) = p.get("functionCall") {
             let name = f.get("name").and_then(Value::as_str).unwrap_or("");
             let args = f.get("args").cloned().unwrap_or_else(|| json!({}));
-            out.calls.push((name.to_string(), args.to_string()));
+            out.calls.push(Call {
+                name: name.to_string(),
+                args: args.to_string(),
+                signature: p
+                    .get("thoughtSignature")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            });
         }
     }
     out
 }
 
 /// The tool calls of a message (ids made from the choice and the call's position: Gemini gives
-/// none).
-pub fn tool_calls(choice: u64, calls: &[(String, String)]) -> Vec<Value> {
+/// none). A call's thought signature rides in `extra_content.google.thought_signature`, where
+/// Google's own OpenAI-compatible endpoint puts it, so a client that sends the assistant message
+/// back sends it back too.
+pub fn tool_calls(choice: u64, calls: &[Call]) -> Vec<Value> {
     calls
         .iter()
         .enumerate()
-        .map(|(i, (name, args))| {
-            json!({
+        .map(|(i, c)| {
+            let mut call = json!({
                 "id": format!("call_{choice}_{i}"),
                 "type": "function",
-                "function": {"name": name, "arguments": args},
-            })
+                "function": {"name": c.name, "arguments": c.args},
+            });
+            if let Some(sig) = &c.signature {
+                call["extra_content"] = json!({"google": {"thought_signature": sig}});
+            }
+            call
         })
         .collect()
 }
@@ -355,7 +376,8 @@ mod tests {
                 {"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}]},
              "finishReason": "STOP", "index": 0},
             {"content": {"parts": [
-                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                 "thoughtSignature": "c2lnbmF0dXJl"}]},
              "finishReason": "STOP", "index": 1},
             {"content": {"parts": [{"text": "Trunc"}]}, "finishReason": "MAX_TOKENS", "index": 2},
         ]});
@@ -372,7 +394,8 @@ mod tests {
         assert_eq!(
             m["tool_calls"],
             json!([{"id": "call_1_0", "type": "function",
-                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}])
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+                    "extra_content": {"google": {"thought_signature": "c2lnbmF0dXJl"}}}])
         );
         assert_eq!(c["choices"][1]["finish_reason"], "tool_calls");
         assert_eq!(c["choices"][2]["finish_reason"], "length");

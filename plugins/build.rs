@@ -21,6 +21,7 @@ const BUNDLED: &[&str] = &[
     "anthropic",
     "replicate",
     "bfl",
+    "gemini",
     "policy_secrets",
 ];
 
@@ -35,6 +36,7 @@ fn main() {
         "anthropic",
         "replicate",
         "bfl",
+        "gemini",
         "policy_secrets",
         "testguests",
         "Cargo.toml",

@@ -535,6 +535,10 @@ pub fn test_env() -> BTreeMap<String, String> {
         ),
         ("TEST_S3_ACCESS_KEY".to_string(), "test-access".to_string()),
         ("TEST_S3_SECRET_KEY".to_string(), "test-secret".to_string()),
+        (
+            "GEMINI_KEY".to_string(),
+            crate::gemini_mock::GEMINI_KEY.to_string(),
+        ),
     ])
 }
 

@@ -8,6 +8,8 @@ mod chat;
 mod cli;
 mod common;
 mod embeddings;
+mod gemini;
+mod gemini_mock;
 mod hardening;
 mod hot_reload;
 mod images;

@@ -262,6 +262,38 @@ pub fn retry_after_ms(headers: &[Header]) -> Option<u64> {
         .map(|s| s.saturating_mul(1000))
 }
 
+/// The seconds since the Unix epoch that a response's `Date` header names (RFC 9110's
+/// IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`), for a `created` field; 0 without one. Plugins
+/// have no clock: the upstream's date is the only time they know.
+pub fn date_header_secs(headers: &[Header]) -> u64 {
+    header_value(headers, "date")
+        .and_then(http_date)
+        .unwrap_or(0)
+}
+
+fn http_date(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut parts = text.split_whitespace().skip(1);
+    let day: i64 = parts.next()?.parse().ok()?;
+    let month_name = parts.next()?;
+    let month = MONTHS.iter().position(|m| *m == month_name)? as i64 + 1;
+    let year: i64 = parts.next()?.parse().ok()?;
+    let mut hms = parts.next()?.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), with years starting in March.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + m * 60 + s).ok()
+}
+
 /// True for the `[DONE]` sentinel that ends OpenAI-style streams.
 pub fn is_done(event: &SseEvent) -> bool {
     event.data.trim() == "[DONE]"
@@ -346,6 +378,16 @@ mod tests {
         assert_eq!(e.message, "body.width: Input should be a multiple of 32");
         let e = error_from_status(&resp(403, vec![], r#"{"title":"Forbidden"}"#));
         assert_eq!(e.message, "Forbidden");
+    }
+
+    #[test]
+    fn dates_give_created() {
+        let h = vec![header("Date", "Sun, 06 Nov 1994 08:49:37 GMT")];
+        assert_eq!(date_header_secs(&h), 784_111_777);
+        let h = vec![header("date", "Thu, 29 Feb 2024 00:00:00 GMT")];
+        assert_eq!(date_header_secs(&h), 1_709_164_800);
+        assert_eq!(date_header_secs(&[header("date", "yesterday")]), 0);
+        assert_eq!(date_header_secs(&[]), 0);
     }
 
     #[test]

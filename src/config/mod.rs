@@ -427,6 +427,38 @@ models:
     }
 
     #[test]
+    fn tokenizers_default_by_plugin_and_a_model_may_override_its_channel() {
+        let yaml = r#"
+server: { listen: "127.0.0.1:0" }
+operator: { listen: "127.0.0.1:0" }
+channels:
+  - { name: oa, plugin: openai, base_url: "http://127.0.0.1:1/v1" }
+  - { name: other, plugin: anthropic, base_url: "http://127.0.0.1:1/v1" }
+  - { name: local, plugin: openai, base_url: "http://127.0.0.1:1/v1", tokenizer: bytes }
+models:
+  - { name: a, channel: oa, free: true }
+  - { name: b, channel: oa, free: true, tokenizer: cl100k }
+  - { name: c, channel: other, free: true }
+  - { name: d, channel: local, free: true }
+"#;
+        let cfg = from_yaml(yaml, &BTreeMap::new()).unwrap();
+        let of = |name: &str| {
+            cfg.routes
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .map(|m| m.tokenizer)
+        };
+        assert_eq!(of("a"), Some(Tokenizer::O200k));
+        assert_eq!(of("b"), Some(Tokenizer::Cl100k));
+        assert_eq!(of("c"), Some(Tokenizer::Bytes));
+        assert_eq!(of("d"), Some(Tokenizer::Bytes));
+        let bad = yaml.replace("tokenizer: cl100k", "tokenizer: o300k");
+        let err = from_yaml(&bad, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(err.contains("tokenizer") && err.contains("o300k"), "{err}");
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let s = Secret::new("sk-very-secret");
         assert_eq!(format!("{s:?} {s}"), "***** *****");

@@ -56,11 +56,14 @@ pub async fn admit(
 ) -> Result<Admitted, ApiError> {
     let pick = st.routing.pick(&call.model)?;
     authorize(caller.as_ref(), &pick, &call.model)?;
-    // The prompt counted with the model's tokenizer (off the worker for a large body).
-    let tokenizer = pick.route.tokenizer;
-    call.need.prompt_tokens = super::heavy(call.body.raw.len(), || {
-        (call.prompt)(tokenizer, &call.body.json)
-    });
+    // The prompt counted with the model's tokenizer (off the worker for a large body); an
+    // anonymous call is neither billed nor limited, so its prompt is not counted.
+    if caller.is_some() {
+        let tokenizer = pick.route.tokenizer;
+        call.need.prompt_tokens = super::heavy(call.body.raw.len(), || {
+            (call.prompt)(tokenizer, &call.body.json)
+        });
+    }
     // A keyed call is billed: its model must have a price (or be marked free). An anonymous
     // call to an open model is never billed.
     let price = match &caller {

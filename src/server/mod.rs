@@ -175,13 +175,16 @@ async fn pipeline_handler<R: Route>(
         // The body's share of the in-flight budget is held until the answer is made.
         let RawBody(bytes, _permit) = body?;
         let caller = caller_of(&st, headers).await?;
-        // A large body waits for its turn at the heavy steps before it is parsed.
-        let turn = st.heavy_turns.take(bytes.len()).await;
+        // A large body waits for its turn at the heavy steps before it is parsed (for at most
+        // the request's timeout).
+        let limit = st.config.server.request_timeout;
+        let turn = tokio::time::timeout(limit, st.heavy_turns.take(bytes.len()))
+            .await
+            .map_err(|_| ApiError::RequestTimeout(limit))?;
         let mut body = pipeline::Body::parse(bytes)?;
         body.turn = turn;
         let call = R::parse(body, request_id)?;
         let model = call.model.clone();
-        let limit = st.config.server.request_timeout;
         let reply = tokio::time::timeout(limit, R::run(&st, caller, call))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))

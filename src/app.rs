@@ -50,6 +50,8 @@ pub struct AppState {
     pub body_budget: server::listen::BodyBudget,
     /// The async task API: stored tasks, archived outputs, workers' state.
     pub tasks: crate::tasks::Tasks,
+    /// The model catalog, cached, with the upstreams' model lists.
+    pub catalog: crate::pipeline::models::Catalog,
     /// Turns at the heavy steps of large requests (one per core at once).
     pub heavy_turns: crate::pipeline::HeavyTurns,
     pub ready: AtomicBool,
@@ -148,6 +150,7 @@ impl AppState {
             config.server.max_inflight_body_bytes,
             config.server.max_body_bytes,
         );
+        let catalog = crate::pipeline::models::Catalog::new(config.catalog_refresh, &metrics);
         Ok(Arc::new(Self {
             config: Arc::new(config),
             routing,
@@ -159,6 +162,7 @@ impl AppState {
             moderator,
             body_budget,
             tasks,
+            catalog,
             heavy_turns: crate::pipeline::HeavyTurns::per_core(),
             background,
             ready: AtomicBool::new(false),
@@ -208,6 +212,7 @@ impl AppState {
             Ok(routes) => {
                 preload_tokenizers(&routes);
                 self.routing.replace(&routes);
+                self.catalog.invalidate();
                 self.metrics.config_reload("loaded");
                 tracing::info!(file = %path.display(), "channels and models reloaded");
             }
@@ -370,6 +375,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .set_public_url(format!("http://{public_addr}"));
     }
     crate::tasks::start(&state);
+    crate::pipeline::models::Catalog::start(&state);
     // Small responses and SSE frames must leave at once: no Nagle delay on accepted sockets
     // (the public listener sets it on each connection it accepts).
     let operator = operator.tap_io(|tcp| {

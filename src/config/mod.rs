@@ -69,6 +69,8 @@ pub struct Config {
     /// Channels and models: the part of the configuration that is reloaded while serving.
     pub routes: RoutesConfig,
     pub routing: RoutingConfig,
+    /// How often each channel's upstream model list is refreshed (`catalog.refresh`).
+    pub catalog_refresh: Duration,
     pub tasks: TasksConfig,
     pub log: LogConfig,
     pub database: DatabaseConfig,

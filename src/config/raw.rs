@@ -42,6 +42,28 @@ pub(super) struct RawConfig {
     tasks: super::tasks::RawTasks,
     #[serde(default)]
     routing: RawRouting,
+    #[serde(default)]
+    catalog: RawCatalog,
+}
+
+/// `catalog:`: how often each channel's upstream model list is refreshed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCatalog {
+    #[serde(default = "default_catalog_refresh")]
+    refresh: String,
+}
+
+impl Default for RawCatalog {
+    fn default() -> Self {
+        Self {
+            refresh: default_catalog_refresh(),
+        }
+    }
+}
+
+fn default_catalog_refresh() -> String {
+    "5m".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +493,7 @@ impl RawConfig {
             None => Duration::from_secs(1),
         };
         let reservation_ttl = dur("billing.reservation_ttl", &self.billing.reservation_ttl);
+        let catalog_refresh = dur("catalog.refresh", &self.catalog.refresh);
         let routing = RoutingConfig {
             breaker_failures: self.routing.breaker_failures.max(1),
             breaker_cooldown: dur("routing.breaker_cooldown", &self.routing.breaker_cooldown),
@@ -573,6 +596,7 @@ impl RawConfig {
             },
             routes,
             routing,
+            catalog_refresh,
             tasks,
             log: LogConfig {
                 filter: self.log.filter,

@@ -186,6 +186,65 @@ impl Session {
         })
     }
 
+    /// The request that lists the upstream's models (checked like any built request), if the
+    /// plugin has one.
+    pub async fn build_models_request(
+        &mut self,
+        ctx: &ChannelContext,
+    ) -> Result<Option<Outbound>, PluginError> {
+        let wctx = wit_ctx(ctx);
+        let g = self.guest();
+        let out = self
+            .run("build_models_request", |mut s| async move {
+                let r = g.call_build_models_request(&mut s, &wctx).await;
+                (s, r)
+            })
+            .await?;
+        out.map(|req| {
+            checked_outbound(
+                &self.host,
+                &self.name,
+                "build_models_request",
+                wtypes::Outbound::Send(req),
+            )
+        })
+        .transpose()
+    }
+
+    /// The upstream's model list, from its answer.
+    pub async fn parse_models_response(
+        &mut self,
+        ctx: &ChannelContext,
+        response: InboundResponse,
+    ) -> Result<Vec<ModelInfo>, PluginError> {
+        let wctx = wit_ctx(ctx);
+        let status = response.status;
+        let wresp = wtypes::HttpResponse {
+            status,
+            headers: response
+                .headers
+                .into_iter()
+                .map(|(name, value)| wtypes::Header { name, value })
+                .collect(),
+            body: response.body,
+        };
+        let g = self.guest();
+        let out = self
+            .run("parse_models_response", |mut s| async move {
+                let r = g.call_parse_models_response(&mut s, &wctx, &wresp).await;
+                (s, r)
+            })
+            .await?;
+        match out {
+            Err(e) => Err(self.guest_error(ctx, "parse_models_response", e, Some(status))),
+            Ok(_) if !(200..300).contains(&status) => Err(self.bad_output(
+                "parse_models_response",
+                format!("upstream status {status} was not reported as an error"),
+            )),
+            Ok(models) => Ok(models.into_iter().map(model_info).collect()),
+        }
+    }
+
     pub async fn build_request(
         &mut self,
         ctx: &ChannelContext,

@@ -58,6 +58,7 @@ pub fn public_routes() -> Router<SharedState> {
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/v1/files/{*key}", get(tasks::get_file))
         .route(models::ROUTE, get(list_models))
+        .route("/v1/pricing", get(pricing))
         .route("/v1/balance", get(balance))
         .route("/v1/usage", get(usage))
         .route("/v1/models/{id}", get(get_model))
@@ -307,6 +308,10 @@ fn sse_response(frames: FrameStream) -> Response {
 
 async fn list_models(State(st): State<SharedState>) -> Response {
     json_response(StatusCode::OK, models::list(&st).to_string())
+}
+
+async fn pricing(State(st): State<SharedState>) -> Response {
+    json_response(StatusCode::OK, models::pricing(&st).to_string())
 }
 
 async fn get_model(

@@ -48,6 +48,10 @@ pub fn fixture(path: &str) -> String {
 /// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]: four seconds), `ratelimit`.
 #[derive(Default)]
 pub struct MockState {
+    /// `GET /v1/models` answers 503 while set.
+    pub models_fail: std::sync::atomic::AtomicBool,
+    /// `GET /v1/models` requests served.
+    pub model_lists: AtomicUsize,
     pub hits: AtomicUsize,
     pub cancels: AtomicUsize,
     pub requests: Mutex<Vec<Recorded>>,
@@ -106,7 +110,16 @@ impl MockUpstream {
     }
 }
 
-async fn mock_models() -> Response {
+async fn mock_models(State(state): State<Arc<MockState>>) -> Response {
+    state.model_lists.fetch_add(1, Ordering::SeqCst);
+    if state.models_fail.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "application/json")],
+            r#"{"error":{"message":"down","type":"server_error"}}"#,
+        )
+            .into_response();
+    }
     (
         [("content-type", "application/json")],
         fixture("openai/models.json"),

@@ -3,6 +3,7 @@
 
 mod anthropic;
 mod billing;
+mod catalog;
 mod channels;
 mod chat;
 mod cli;

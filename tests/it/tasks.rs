@@ -624,3 +624,42 @@ async fn outputs_are_archived_in_an_s3_compatible_bucket() {
     // Nothing went to the local folder.
     assert!(!gw.dir.path().join("outputs").join(&id).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_not_allowed_the_model_gets_403_and_one_over_its_limit_429_in_the_task_body() {
+    let gw = gateway("", "", "").await;
+    let (acct, _) = gw.admin_funded_key("limited", "1").await;
+    let key_with = |body: Value| {
+        let gw = &gw;
+        let acct = acct.clone();
+        async move {
+            let v: Value = gw
+                .admin(
+                    reqwest::Method::POST,
+                    &format!("/admin/accounts/{acct}/keys"),
+                )
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["key"].as_str().unwrap().to_string()
+        }
+    };
+    let chat_only = key_with(json!({"name": "chat-only", "models": ["demo-chat"]})).await;
+    let slow = key_with(json!({"name": "slow", "limits": {"requests_per_minute": 1}})).await;
+    let body = json!({"model": "demo-image", "input": {"prompt": "a teapot"}});
+    assert_task_error(
+        gw.submit(&chat_only, body.clone()).await,
+        403,
+        "MODEL_NOT_ALLOWED",
+    )
+    .await;
+    assert_eq!(gw.submit(&slow, body.clone()).await.status(), 200);
+    let r = gw.submit(&slow, body).await;
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "1");
+    assert_task_error(r, 429, "RATE_LIMIT_EXCEEDED").await;
+}

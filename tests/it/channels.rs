@@ -190,3 +190,44 @@ async fn weights_share_the_traffic_and_a_single_channel_model_is_never_refused_b
         .count();
     assert_eq!(failed, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_channel_comes_back_once_a_probe_succeeds() {
+    let up = MockUpstream::start().await;
+    up.state
+        .flaky_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let gw = pooled(
+        &up,
+        "  - { name: pooled, channel: a, upstream_model: flaky, free: true, channels: [ { channel: b, upstream_model: ok, priority: 1 } ] }\n",
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(ask(&gw, "pooled").await.0, 200);
+    }
+    assert_eq!(channel_state(&gw, "a").await, "open");
+    // The upstream recovers; after the cooldown the probe succeeds and `a` serves again.
+    up.state
+        .flaky_down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ask(&gw, "pooled").await.0, 200);
+    assert_eq!(channel_state(&gw, "a").await, "closed");
+    let before = upstream_models(&up)
+        .iter()
+        .filter(|m| *m == "flaky")
+        .count();
+    for _ in 0..3 {
+        assert_eq!(ask(&gw, "pooled").await.0, 200);
+    }
+    let after = upstream_models(&up)
+        .iter()
+        .filter(|m| *m == "flaky")
+        .count();
+    assert_eq!(after - before, 3, "every request goes to `a` again");
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("tollgate_channel_transitions_total{channel=\"a\",state=\"closed\"} 1"),
+        "{m}"
+    );
+}

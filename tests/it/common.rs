@@ -48,6 +48,8 @@ pub fn fixture(path: &str) -> String {
 /// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]: four seconds), `ratelimit`.
 #[derive(Default)]
 pub struct MockState {
+    /// Model `flaky` of `/v1/chat/completions` fails (500) while set.
+    pub flaky_down: std::sync::atomic::AtomicBool,
     /// `GET /v1/models` answers 503 while set.
     pub models_fail: std::sync::atomic::AtomicBool,
     /// `GET /v1/models` requests served.
@@ -280,7 +282,15 @@ async fn mock_chat(
     body: Bytes,
 ) -> Response {
     let json = record(&state, &uri, &headers, &body);
-    let model = json["model"].as_str().unwrap_or("ok").to_string();
+    let mut model = json["model"].as_str().unwrap_or("ok").to_string();
+    // `flaky` fails like `fail500` while `flaky_down` is set, else answers like `ok`.
+    if model == "flaky" {
+        model = if state.flaky_down.load(Ordering::SeqCst) {
+            "fail500".into()
+        } else {
+            "ok".into()
+        };
+    }
     let stream = json["stream"].as_bool().unwrap_or(false);
     match model.as_str() {
         "fail500" => (

@@ -4,15 +4,18 @@
 //! checks against what the route expects. A failure releases the reservation; success hands the
 //! [`Bill`] to the route, which settles it (or the stream relay does, once the stream is done).
 
+use std::pin::Pin;
 use std::time::Instant;
 
+use bytes::Bytes;
+use futures::Stream;
 use serde_json::Value;
 
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::plugins::{InboundResponse, Outbound, Session};
 use crate::routing::Route;
-use crate::upstream;
+use crate::upstream::{self, UpstreamError};
 
 use super::money::{Bill, Reserved};
 use super::relay::{self, EventStream};
@@ -40,12 +43,90 @@ pub enum Answer {
     Stream(Box<(Session, EventStream)>),
 }
 
+/// A binary body as it arrives, chunk by chunk.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static>>;
+
+/// A successful binary answer (speech): passed to the client as it arrives, never given to the
+/// plugin (whose `parse-response` returns text). Only a failed status goes through the plugin,
+/// which maps it to an error class.
+pub struct Audio {
+    /// The upstream's (or the offline plugin's) `content-type`, if it sent one.
+    pub content_type: Option<String>,
+    pub body: ByteStream,
+}
+
+/// A dispatched binary request: the answer, and the bill to settle once the body has passed.
+pub struct AudioDispatched {
+    pub provider: String,
+    pub bill: Bill,
+    pub audio: Audio,
+}
+
+/// What the session produced: a unified answer, or a binary one.
+enum Got {
+    Answer(Answer),
+    Audio(Audio),
+}
+
+/// A binary answer never reaches the plugin's `parse-response`: nothing it checks.
+const BINARY: Expect = Expect {
+    what: "a binary body",
+    check: |_| false,
+};
+
+/// [`dispatch`] for a route whose success is a binary body (speech): a 2xx upstream body (or an
+/// offline plugin's 2xx answer) is streamed through as [`Audio`]; any other status is read whole
+/// and given to the plugin's `parse-response`, which must map it to an error.
+pub async fn dispatch_audio(
+    st: &AppState,
+    reserved: Reserved,
+) -> Result<AudioDispatched, ApiError> {
+    let (provider, _route, bill, got) = run(st, reserved, &BINARY, true).await?;
+    match got {
+        Got::Audio(audio) => Ok(AudioDispatched {
+            provider,
+            bill,
+            audio,
+        }),
+        Got::Answer(_) => {
+            bill.release().await;
+            Err(ApiError::Internal("a binary answer came as JSON".into()))
+        }
+    }
+}
+
 #[tracing::instrument(name = "pipeline.dispatch", level = "debug", skip_all, fields(model = %reserved.screened.admitted.call.model, provider = tracing::field::Empty))]
 pub async fn dispatch(
     st: &AppState,
     reserved: Reserved,
     expect: &Expect,
 ) -> Result<Dispatched, ApiError> {
+    let (provider, route, bill, got) = run(st, reserved, expect, false).await?;
+    match got {
+        Got::Answer(answer) => Ok(Dispatched {
+            provider,
+            route,
+            bill,
+            answer,
+        }),
+        Got::Audio(_) => {
+            bill.release().await;
+            Err(ApiError::Internal(format!(
+                "{} came as binary",
+                expect.what
+            )))
+        }
+    }
+}
+
+/// The session, the upstream call and the answer: unified (`binary` false), or a 2xx binary
+/// body passed through (`binary` true).
+async fn run(
+    st: &AppState,
+    reserved: Reserved,
+    expect: &Expect,
+    binary: bool,
+) -> Result<(String, Route, Bill, Got), ApiError> {
     let hold = reserved.hold;
     let a = reserved.screened.admitted;
     let bill = Bill {
@@ -73,11 +154,16 @@ pub async fn dispatch(
         drop(raw);
         match outbound {
             Outbound::Answer(resp) => {
-                if stream && is_success(resp.status) {
+                if binary && is_success(resp.status) {
+                    let content_type = header_of(&resp.headers, "content-type");
+                    let body: ByteStream =
+                        Box::pin(futures::stream::iter([Ok(Bytes::from(resp.body))]));
+                    Ok(Got::Audio(Audio { content_type, body }))
+                } else if stream && is_success(resp.status) {
                     let events = relay::offline_events(&route, resp);
-                    Ok(Answer::Stream(Box::new((session, events))))
+                    Ok(Got::Answer(Answer::Stream(Box::new((session, events)))))
                 } else {
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect).map(Got::Answer)
                 }
             }
             Outbound::Send(out) => {
@@ -92,24 +178,23 @@ pub async fn dispatch(
                 let pending = st.upstream.send(&target, out).await;
                 st.metrics.upstream_duration(&provider, started.elapsed());
                 let pending = pending?;
-                if wants_stream && is_success(pending.status()) {
+                if binary && is_success(pending.status()) {
+                    let content_type = pending.header("content-type");
+                    let body: ByteStream = Box::pin(pending.body_stream());
+                    Ok(Got::Audio(Audio { content_type, body }))
+                } else if wants_stream && is_success(pending.status()) {
                     let events: EventStream = Box::pin(pending.events());
-                    Ok(Answer::Stream(Box::new((session, events))))
+                    Ok(Got::Answer(Answer::Stream(Box::new((session, events)))))
                 } else {
                     let resp = pending.read().await?;
-                    finish_json(&mut session, &route, kind, resp, expect)
+                    finish_json(&mut session, &route, kind, resp, expect).map(Got::Answer)
                 }
             }
         }
     }
     .await;
     match result {
-        Ok(answer) => Ok(Dispatched {
-            provider,
-            route,
-            bill,
-            answer,
-        }),
+        Ok(got) => Ok((provider, route, bill, got)),
         Err(e) => {
             bill.release().await;
             Err(e)
@@ -152,6 +237,14 @@ pub async fn whole_json_admitted(
         reply: d.bill.settle_json(value, text, usage).await?,
         provider: d.provider,
     })
+}
+
+/// A header's value, matched case-insensitively.
+fn header_of(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
 }
 
 /// Parse a whole response through the plugin and check it is what the route expects.

@@ -18,6 +18,8 @@ use std::process::Command;
 const BUNDLED: &[&str] = &[
     "demo",
     "openai",
+    "azure",
+    "elevenlabs",
     "anthropic",
     "replicate",
     "bfl",
@@ -33,6 +35,8 @@ fn main() {
         "sdk",
         "demo",
         "openai",
+        "azure",
+        "elevenlabs",
         "anthropic",
         "replicate",
         "bfl",

@@ -4,8 +4,11 @@
 //! checks against what the route expects. A failure releases the reservation; success hands the
 //! [`Bill`] to the route, which settles it (or the stream relay does, once the stream is done).
 
+use std::pin::Pin;
 use std::time::Instant;
 
+use bytes::Bytes;
+use futures::Stream;
 use serde_json::Value;
 
 use crate::app::AppState;
@@ -13,7 +16,7 @@ use crate::error::ApiError;
 use crate::plugins::{InboundResponse, Outbound, Session};
 use crate::routing::Route;
 use crate::routing::health::Outcome;
-use crate::upstream;
+use crate::upstream::{self, UpstreamError};
 
 use super::money::{Bill, Reserved};
 use super::relay::{self, EventStream};
@@ -41,12 +44,90 @@ pub enum Answer {
     Stream(Box<(Session, EventStream)>),
 }
 
+/// A binary body as it arrives, chunk by chunk.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static>>;
+
+/// A successful binary answer (speech): passed to the client as it arrives, never given to the
+/// plugin (whose `parse-response` returns text). Only a failed status goes through the plugin,
+/// which maps it to an error class.
+pub struct Audio {
+    /// The upstream's (or the offline plugin's) `content-type`, if it sent one.
+    pub content_type: Option<String>,
+    pub body: ByteStream,
+}
+
+/// A dispatched binary request: the answer, and the bill to settle once the body has passed.
+pub struct AudioDispatched {
+    pub provider: String,
+    pub bill: Bill,
+    pub audio: Audio,
+}
+
+/// What the session produced: a unified answer, or a binary one.
+enum Got {
+    Answer(Answer),
+    Audio(Audio),
+}
+
+/// A binary answer never reaches the plugin's `parse-response`: nothing it checks.
+const BINARY: Expect = Expect {
+    what: "a binary body",
+    check: |_| false,
+};
+
+/// [`dispatch`] for a route whose success is a binary body (speech): a 2xx upstream body (or an
+/// offline plugin's 2xx answer) is streamed through as [`Audio`]; any other status is read whole
+/// and given to the plugin's `parse-response`, which must map it to an error.
+pub async fn dispatch_audio(
+    st: &AppState,
+    reserved: Reserved,
+) -> Result<AudioDispatched, ApiError> {
+    let (provider, _route, bill, got) = run(st, reserved, &BINARY, true).await?;
+    match got {
+        Got::Audio(audio) => Ok(AudioDispatched {
+            provider,
+            bill,
+            audio,
+        }),
+        Got::Answer(_) => {
+            bill.release().await;
+            Err(ApiError::Internal("a binary answer came as JSON".into()))
+        }
+    }
+}
+
 #[tracing::instrument(name = "pipeline.dispatch", level = "debug", skip_all, fields(model = %reserved.screened.admitted.call.model, provider = tracing::field::Empty))]
 pub async fn dispatch(
     st: &AppState,
     reserved: Reserved,
     expect: &Expect,
 ) -> Result<Dispatched, ApiError> {
+    let (provider, route, bill, got) = run(st, reserved, expect, false).await?;
+    match got {
+        Got::Answer(answer) => Ok(Dispatched {
+            provider,
+            route,
+            bill,
+            answer,
+        }),
+        Got::Audio(_) => {
+            bill.release().await;
+            Err(ApiError::Internal(format!(
+                "{} came as binary",
+                expect.what
+            )))
+        }
+    }
+}
+
+/// The session, the upstream call and the answer: unified (`binary` false), or a 2xx binary
+/// body passed through (`binary` true).
+async fn run(
+    st: &AppState,
+    reserved: Reserved,
+    expect: &Expect,
+    binary: bool,
+) -> Result<(String, Route, Bill, Got), ApiError> {
     let hold = reserved.hold;
     let a = reserved.screened.admitted;
     let bill = Bill {
@@ -91,22 +172,18 @@ pub async fn dispatch(
             plugin: &plugin,
             kind,
             stream,
+            binary,
             expect,
             last,
         };
         match attempt.run(st, &mut raw, &mut turn).await {
-            Ok(answer) => {
+            Ok(got) => {
                 if n > 1 {
                     st.routing
                         .health()
                         .record(&route.channel.name, Outcome::Success);
                 }
-                return Ok(Dispatched {
-                    provider,
-                    route,
-                    bill,
-                    answer,
-                });
+                return Ok((provider, route, bill, got));
             }
             Err(e) => {
                 let outcome = breaker_outcome(&e);
@@ -132,7 +209,6 @@ pub async fn dispatch(
 /// request itself, a plugin's bug), and no other channel is tried.
 fn breaker_outcome(e: &ApiError) -> Option<Outcome> {
     use crate::plugins::{GuestErrorClass, PluginError};
-    use crate::upstream::UpstreamError;
     match e {
         ApiError::Upstream(
             UpstreamError::Connect { .. }
@@ -155,6 +231,8 @@ struct Attempt<'a> {
     plugin: &'a std::sync::Arc<crate::plugins::Plugin>,
     kind: &'static str,
     stream: bool,
+    /// A 2xx body is passed through as [`Audio`] (speech).
+    binary: bool,
     expect: &'a Expect,
     /// The last channel to try: the client's text is freed as soon as the plugin built the
     /// request (earlier attempts keep it for the next channel).
@@ -167,9 +245,15 @@ impl Attempt<'_> {
         st: &AppState,
         raw: &mut Option<String>,
         turn: &mut Option<Option<super::HeavyTurn>>,
-    ) -> Result<Answer, ApiError> {
-        let (route, plugin, kind, stream, expect) =
-            (self.route, self.plugin, self.kind, self.stream, self.expect);
+    ) -> Result<Got, ApiError> {
+        let (route, plugin, kind, stream, binary, expect) = (
+            self.route,
+            self.plugin,
+            self.kind,
+            self.stream,
+            self.binary,
+            self.expect,
+        );
         let ctx = route.context();
         let mut session = plugin.session().await?;
         let text = raw.as_deref().unwrap_or_default();
@@ -190,11 +274,18 @@ impl Attempt<'_> {
         }
         match outbound {
             Outbound::Answer(resp) => {
-                if stream && is_success(resp.status) {
+                if binary && is_success(resp.status) {
+                    let content_type = header_of(&resp.headers, "content-type");
+                    let body: ByteStream =
+                        Box::pin(futures::stream::iter([Ok(Bytes::from(resp.body))]));
+                    Ok(Got::Audio(Audio { content_type, body }))
+                } else if stream && is_success(resp.status) {
                     let events = relay::offline_events(route, resp);
-                    Ok(Answer::Stream(Box::new((session, events))))
+                    Ok(Got::Answer(Answer::Stream(Box::new((session, events)))))
                 } else {
-                    finish_json(&mut session, route, kind, resp, expect).await
+                    finish_json(&mut session, route, kind, resp, expect)
+                        .await
+                        .map(Got::Answer)
                 }
             }
             Outbound::Send(out) => {
@@ -210,12 +301,18 @@ impl Attempt<'_> {
                 st.metrics
                     .upstream_duration(plugin.name(), started.elapsed());
                 let pending = pending?;
-                if wants_stream && is_success(pending.status()) {
+                if binary && is_success(pending.status()) {
+                    let content_type = pending.header("content-type");
+                    let body: ByteStream = Box::pin(pending.body_stream());
+                    Ok(Got::Audio(Audio { content_type, body }))
+                } else if wants_stream && is_success(pending.status()) {
                     let events: EventStream = Box::pin(pending.events());
-                    Ok(Answer::Stream(Box::new((session, events))))
+                    Ok(Got::Answer(Answer::Stream(Box::new((session, events)))))
                 } else {
                     let resp = pending.read().await?;
-                    finish_json(&mut session, route, kind, resp, expect).await
+                    finish_json(&mut session, route, kind, resp, expect)
+                        .await
+                        .map(Got::Answer)
                 }
             }
         }
@@ -257,6 +354,14 @@ pub async fn whole_json_admitted(
         reply: d.bill.settle_json(value, text, usage).await?,
         provider: d.provider,
     })
+}
+
+/// A header's value, matched case-insensitively.
+fn header_of(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
 }
 
 /// Parse a whole response through the plugin and check it is what the route expects.

@@ -26,6 +26,7 @@ pub mod models;
 pub mod money;
 pub mod relay;
 pub mod screen;
+pub mod speech;
 pub mod tasks;
 pub mod tokens;
 
@@ -201,7 +202,17 @@ pub enum Reply {
         cost: Option<Credits>,
     },
     Stream(FrameStream),
+    /// A binary body passed through as it arrives (speech), with its media type and what it
+    /// costs once it has passed whole (settled then; nothing if it breaks off).
+    Binary {
+        content_type: String,
+        body: BinaryStream,
+        cost: Option<Credits>,
+    },
 }
+
+/// A binary body for the wire; an `Err` item aborts the response (the client sees it cut off).
+pub type BinaryStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static>>;
 
 /// A route's answer and the provider that served it (a metric label).
 pub struct Served {

@@ -21,7 +21,9 @@ use serde_json::json;
 use crate::app::SharedState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
-use crate::pipeline::{self, FrameStream, Reply, Route, Served, chat, embeddings, images, models};
+use crate::pipeline::{
+    self, FrameStream, Reply, Route, Served, chat, embeddings, images, models, speech,
+};
 use listen::BodyPermit;
 
 /// The request id header; ours on every request and response.
@@ -51,6 +53,7 @@ pub fn public_routes() -> Router<SharedState> {
             post(pipeline_handler::<embeddings::Embeddings>),
         )
         .route(images::ROUTE, post(pipeline_handler::<images::Images>))
+        .route(speech::ROUTE, post(pipeline_handler::<speech::Speech>))
         .route(
             pipeline::tasks::ROUTE,
             post(pipeline_handler::<pipeline::tasks::Tasks>),
@@ -220,6 +223,11 @@ async fn pipeline_handler<R: Route>(
                     resp
                 }
                 Reply::Stream(frames) => sse_response(frames),
+                Reply::Binary {
+                    content_type,
+                    body,
+                    cost,
+                } => binary_response(&content_type, body, cost),
             }
         }
         Err(e) => {
@@ -303,6 +311,25 @@ fn sse_response(frames: FrameStream) -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// A binary body passed through as it arrives, with its media type and (billed) its cost.
+fn binary_response(
+    content_type: &str,
+    body: pipeline::BinaryStream,
+    cost: Option<crate::billing::Credits>,
+) -> Response {
+    let mut resp = Response::new(Body::from_stream(body));
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(c) = cost
+        && let Ok(v) = HeaderValue::from_str(&c.to_string())
+    {
+        h.insert(COST_HEADER, v);
+    }
     resp
 }
 

@@ -289,6 +289,42 @@ impl Pending {
         }
     }
 
+    /// The value of a response header, if it is text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// The body as it arrives, chunk by chunk, for a binary answer passed straight to the client
+    /// (speech): nothing is held beyond one chunk. Each chunk must arrive within the idle timeout;
+    /// after an error the stream ends and the connection is dropped; dropping the stream drops it.
+    pub fn body_stream(self) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+        let idle = self.idle_timeout;
+        let channel = self.channel;
+        let body = Box::pin(self.response.bytes_stream());
+        futures::stream::unfold(Some(body), move |body| {
+            let channel = channel.clone();
+            async move {
+                let mut body = body?;
+                match tokio::time::timeout(idle, body.next()).await {
+                    Err(_) => Some((
+                        Err(UpstreamError::Timeout {
+                            channel,
+                            after: idle,
+                        }),
+                        None,
+                    )),
+                    Ok(None) => None,
+                    Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(body))),
+                    Ok(Some(Err(e))) => Some((Err(classify(&channel, e)), None)),
+                }
+            }
+        })
+    }
+
     /// The body as server-sent events, framed as they arrive. Each event must arrive within the
     /// idle timeout and fit in `upstream.max_event_bytes`; a body that ends in the middle of an
     /// event is reported as truncated. After an error the stream ends and the connection is

@@ -75,11 +75,17 @@ pub struct MockUpstream {
 impl MockUpstream {
     pub async fn start() -> Self {
         let state = Arc::new(MockState::default());
-        let app = Router::new()
+        let routes = Router::new()
             .route("/v1/chat/completions", post(mock_chat))
             .route("/v1/embeddings", post(mock_embeddings))
             .route("/v1/images/generations", post(mock_images))
-            .route("/v1/models", get(mock_models))
+            .route("/v1/models", get(mock_models));
+        // Also under the prefixes OpenAI-compatible providers use (`/api/v1`: OpenRouter;
+        // `/openai/v1`: Groq).
+        let app = Router::new()
+            .merge(routes.clone())
+            .nest("/api", routes.clone())
+            .nest("/openai", routes)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -170,7 +176,7 @@ fn record(
 /// `fail500` fails, `malformed` answers without `data`.
 async fn mock_embeddings(
     State(state): State<Arc<MockState>>,
-    uri: axum::http::Uri,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -243,7 +249,7 @@ async fn mock_embeddings(
 /// as `b64_json` when `response_format` says so. Model `fail500` fails.
 async fn mock_images(
     State(state): State<Arc<MockState>>,
-    uri: axum::http::Uri,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -277,7 +283,7 @@ async fn mock_images(
 
 async fn mock_chat(
     State(state): State<Arc<MockState>>,
-    uri: axum::http::Uri,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

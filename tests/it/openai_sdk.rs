@@ -96,12 +96,12 @@ fn openai_python_sdk_streamed_and_not() {
         .status()
         .unwrap();
     assert!(status.success(), "the openai SDK checks failed");
-    // Three billed completions, two billed embeddings and one billed image: the ledger holds the
-    // credit and six charges, and sums to the balance.
+    // Three billed completions, two billed embeddings, one billed image and two billed speeches:
+    // the ledger holds the credit and eight charges, and sums to the balance.
     let ledger = cli(&["credits", "ledger", "--account", "sdk-test"]);
     let entries = ledger.as_array().unwrap();
     let charges = entries.iter().filter(|e| e["kind"] == "charge").count();
-    assert_eq!(charges, 6, "{ledger}");
+    assert_eq!(charges, 8, "{ledger}");
     let sum: i64 = entries.iter().map(|e| e["amount"].as_i64().unwrap()).sum();
     let account = cli(&["credits", "show", "sdk-test"]);
     assert_eq!(account["balance"].as_i64().unwrap(), sum);

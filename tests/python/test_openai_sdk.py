@@ -70,6 +70,27 @@ assert len(img.data) == 1, img
 png = base64.b64decode(img.data[0].b64_json)
 assert png[:8] == b"\x89PNG\r\n\x1a\n", png[:8]
 
+# Speech (offline demo WAV), billed per character of the input.
+speech = client.audio.speech.with_raw_response.create(
+    model="demo-speech", voice="alloy", input="Hello from the SDK", response_format="wav"
+)
+assert speech.headers["content-type"] == "audio/wav", dict(speech.headers)
+assert speech.headers.get("x-tollgate-cost"), dict(speech.headers)
+wav = speech.parse().read()
+assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE", wav[:12]
+streamed = b""
+with client.audio.speech.with_streaming_response.create(
+    model="demo-speech", voice="alloy", input="Hello from the SDK", response_format="wav"
+) as r:
+    for part in r.iter_bytes():
+        streamed += part
+assert streamed == wav, (len(streamed), len(wav))
+try:
+    client.audio.speech.create(model="demo-speech", voice="alloy", input="x", speed=9)
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "speed", e.body
+
 # Models.
 ids = [m.id for m in client.models.list()]
 assert "demo-chat" in ids, ids

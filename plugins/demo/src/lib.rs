@@ -3,7 +3,8 @@
 //! (`demo-chat` says back what it was told) and embeddings (`demo-embed`: a fixed-size vector of
 //! hashed words, as floats or base64 as OpenAI's `encoding_format` asks) and images
 //! (`demo-image`: a small PNG whose colours come from the prompt, as `b64_json`, or as a `data:`
-//! URL when `response_format` is `url`).
+//! URL when `response_format` is `url`) and speech (`demo-speech`: a short sine tone whose pitch
+//! comes from the input, as a WAV file whatever format is asked, or as raw 16-bit PCM for `pcm`).
 //!
 //! It is a task provider too (the `task-provider` world): a task for `demo-image` is answered at
 //! once, offline. The submission's job id carries what the picture depends on (`demo-<n>-<hash of
@@ -20,6 +21,10 @@ struct Demo;
 const MODEL: &str = "demo-chat";
 const EMBED_MODEL: &str = "demo-embed";
 const IMAGE_MODEL: &str = "demo-image";
+const SPEECH_MODEL: &str = "demo-speech";
+/// `demo-speech` audio: 24 kHz mono 16-bit (OpenAI's `pcm`), half a second.
+const SAMPLE_RATE: u32 = 24_000;
+const TONE_SAMPLES: u32 = SAMPLE_RATE / 2;
 /// Side of a `demo-image` picture, in pixels.
 const IMAGE_SIDE: usize = 16;
 /// Floats in a `demo-embed` vector (unless the request asks for fewer `dimensions`).
@@ -64,7 +69,12 @@ impl Provider for Demo {
         Manifest {
             name: "demo".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into(), "embedding".into(), "image".into()],
+            kinds: vec![
+                "chat".into(),
+                "embedding".into(),
+                "image".into(),
+                "speech".into(),
+            ],
             auth: AuthScheme::None,
             models: vec![
                 ModelInfo {
@@ -89,6 +99,20 @@ impl Provider for Demo {
                         input_per_token: 0,
                         output_per_token: 0,
                         per_image: 1_000_000_000,
+                        per_second: 0,
+                        per_request: 0,
+                    }),
+                },
+                ModelInfo {
+                    id: SPEECH_MODEL.into(),
+                    kinds: vec!["speech".into()],
+                    context_window: None,
+                    max_output_tokens: None,
+                    // Per character of `input`.
+                    price: Some(ModelPrice {
+                        input_per_token: 1_000,
+                        output_per_token: 0,
+                        per_image: 0,
                         per_second: 0,
                         per_request: 0,
                     }),
@@ -121,6 +145,7 @@ impl Provider for Demo {
             "chat" => {}
             "embedding" => return embed(&ctx, &req),
             "image" => return imagine(&req),
+            "speech" => return speak(&req),
             _ => {
                 return Err(invalid_request(format!(
                     "the demo provider does not do `{kind}`"
@@ -298,6 +323,48 @@ fn imagine(req: &Value) -> Result<Outbound, PluginError> {
         .collect();
     let body = json!({"created": CREATED, "data": data});
     Ok(answer(body.to_string().into_bytes(), "application/json"))
+}
+
+/// Speech for an input: half a second of a sine tone between 220 and 880 Hz picked by the
+/// input's hash, as a WAV file (or the bare samples when `response_format` is `pcm`).
+fn speak(req: &Value) -> Result<Outbound, PluginError> {
+    let input = req
+        .get("input")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_request("`input` is required"))?;
+    let hz = 220.0 + (fnv1a(input.as_bytes()) % 661) as f32;
+    let mut pcm = Vec::with_capacity(TONE_SAMPLES as usize * 2);
+    for i in 0..TONE_SAMPLES {
+        let t = i as f32 / SAMPLE_RATE as f32;
+        // A short fade in and out, so the tone starts and ends without a click.
+        let edge = (i.min(TONE_SAMPLES - i) as f32 / 480.0).min(1.0);
+        let v = (t * hz * std::f32::consts::TAU).sin() * edge * 0.3;
+        pcm.extend_from_slice(&((v * f32::from(i16::MAX)) as i16).to_le_bytes());
+    }
+    if req.get("response_format").and_then(Value::as_str) == Some("pcm") {
+        return Ok(answer(pcm, "audio/pcm"));
+    }
+    Ok(answer(wav(&pcm), "audio/wav"))
+}
+
+/// A RIFF WAVE file around 16-bit mono PCM samples at [`SAMPLE_RATE`].
+fn wav(pcm: &[u8]) -> Vec<u8> {
+    let len = pcm.len() as u32;
+    let mut out = Vec::with_capacity(44 + pcm.len());
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes()); // fmt chunk size
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&SAMPLE_RATE.to_le_bytes());
+    out.extend_from_slice(&(SAMPLE_RATE * 2).to_le_bytes()); // bytes a second
+    out.extend_from_slice(&2u16.to_le_bytes()); // bytes a frame
+    out.extend_from_slice(&16u16.to_le_bytes()); // bits a sample
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(pcm);
+    out
 }
 
 /// A square RGB PNG (RFC 2083): a diagonal gradient between two colours from `seed`, stored
@@ -672,10 +739,34 @@ mod tests {
     }
 
     #[test]
+    fn speech_is_a_wav_tone_or_bare_pcm() {
+        let out = Demo::build_request(
+            ctx(),
+            "speech".into(),
+            json!({"model": "demo-speech", "input": "hello", "voice": "alloy"}).to_string(),
+        )
+        .unwrap();
+        let wav = answered(out);
+        assert_eq!(wav.headers[0].value, "audio/wav");
+        assert_eq!(&wav.body[..4], b"RIFF");
+        assert_eq!(&wav.body[8..16], b"WAVEfmt ");
+        assert_eq!(wav.body.len(), 44 + TONE_SAMPLES as usize * 2);
+        let pcm = answered(
+            Demo::build_request(
+                ctx(),
+                "speech".into(),
+                json!({"input": "hello", "voice": "a", "response_format": "pcm"}).to_string(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(pcm.body, wav.body[44..]);
+    }
+
+    #[test]
     fn the_manifest_still_lists_the_sync_models() {
         let m = Demo::describe();
         let ids: Vec<&str> = m.models.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, [MODEL, IMAGE_MODEL, EMBED_MODEL]);
+        assert_eq!(ids, [MODEL, IMAGE_MODEL, SPEECH_MODEL, EMBED_MODEL]);
         assert!(m.kinds.iter().any(|k| k == "image"));
     }
 }

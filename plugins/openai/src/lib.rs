@@ -10,8 +10,13 @@
 //! Embeddings: `POST {base}/embeddings` with `{model, input, encoding_format?, dimensions?}`,
 //! answered by `{"object": "list", "data": [{"object": "embedding", "index", "embedding"}],
 //! "model", "usage": {"prompt_tokens", "total_tokens"}}`.
+//! Speech: `POST {base}/audio/speech` with `{model, input, voice, response_format?, speed?,
+//! instructions?}`, answered by the audio bytes (the host passes them through; errors in the
+//! usual error body).
+//!
+//! The translation itself lives in the SDK (`tollgate_plugin_sdk::openai`), shared with the
+//! `azure` plugin.
 
-use tollgate_plugin_sdk::serde_json::{self, Map, Value, json};
 use tollgate_plugin_sdk::*;
 
 struct OpenAi;
@@ -52,6 +57,17 @@ fn image_model(id: &str, per_image: u64, input: u64, output: u64) -> ModelInfo {
     }
 }
 
+/// A speech model: priced per character of `input` (`input_per_token`).
+fn speech_model(id: &str, per_char: u64) -> ModelInfo {
+    ModelInfo {
+        id: id.into(),
+        kinds: vec!["speech".into()],
+        context_window: None,
+        max_output_tokens: None,
+        price: price(per_char, 0),
+    }
+}
+
 fn model(id: &str, context: u32, max_out: u32, input: u64, output: u64) -> ModelInfo {
     ModelInfo {
         id: id.into(),
@@ -68,7 +84,12 @@ impl Provider for OpenAi {
         Manifest {
             name: "openai".into(),
             version: "0.1.0".into(),
-            kinds: vec!["chat".into(), "embedding".into(), "image".into()],
+            kinds: vec![
+                "chat".into(),
+                "embedding".into(),
+                "image".into(),
+                "speech".into(),
+            ],
             auth: AuthScheme::Bearer,
             models: vec![
                 model("gpt-4o-mini", 128_000, 16_384, 150_000, 600_000),
@@ -81,6 +102,9 @@ impl Provider for OpenAi {
                 image_model("dall-e-3", 40_000_000_000, 0, 0),
                 image_model("dall-e-2", 20_000_000_000, 0, 0),
                 image_model("gpt-image-1", 0, 5_000_000, 40_000_000),
+                // $15 and $30 per million characters.
+                speech_model("tts-1", 15_000_000),
+                speech_model("tts-1-hd", 30_000_000),
             ],
             config_keys: vec!["organization".into(), "project".into()],
         }
@@ -91,30 +115,12 @@ impl Provider for OpenAi {
         kind: String,
         request: String,
     ) -> Result<Outbound, PluginError> {
-        let path = match kind.as_str() {
-            "chat" => "/chat/completions",
-            "embedding" => "/embeddings",
-            "image" => "/images/generations",
-            _ => {
-                return Err(invalid_request(format!(
-                    "the openai plugin does not do `{kind}` yet"
-                )));
-            }
+        let Some(path) = openai::path_of(&kind) else {
+            return Err(invalid_request(format!(
+                "the openai plugin does not do `{kind}` yet"
+            )));
         };
-        let mut body: Map<String, Value> = parse_request(&request)?;
-        body.insert("model".into(), Value::String(ctx.model.clone()));
-        if kind != "chat" {
-            body.remove("stream");
-        }
-        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        if stream {
-            // Ask for the usage chunk: billing counts the tokens of streams too.
-            let opts = body.entry("stream_options").or_insert_with(|| json!({}));
-            if let Some(o) = opts.as_object_mut() {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-        }
-        let mut req = json_request("POST", path, &Value::Object(body), stream);
+        let mut req = openai::request(&ctx, &kind, &request, path)?;
         if let Some(org) = option(&ctx, "organization") {
             req.headers.push(header("openai-organization", org));
         }
@@ -129,37 +135,14 @@ impl Provider for OpenAi {
         kind: String,
         response: HttpResponse,
     ) -> Result<String, PluginError> {
-        if !(200..300).contains(&response.status) {
-            return Err(error_from_status(&response));
-        }
-        let v: Value = parse_upstream(&response.body)?;
-        let field = if kind == "chat" { "choices" } else { "data" };
-        if !v.get(field).is_some_and(Value::is_array) {
-            return Err(upstream_error(format!(
-                "malformed upstream response: no `{field}`"
-            )));
-        }
-        String::from_utf8(response.body)
-            .map_err(|_| upstream_error("malformed upstream response: not UTF-8"))
+        openai::response(&kind, response)
     }
 
     fn parse_stream_event(
         _ctx: ChannelContext,
         event: SseEvent,
     ) -> Result<StreamOutput, PluginError> {
-        if is_done(&event) {
-            return Ok(done());
-        }
-        let v: Value = serde_json::from_str(&event.data)
-            .map_err(|e| upstream_error(format!("malformed upstream stream event: {e}")))?;
-        if let Some(err) = v.get("error") {
-            let message = err
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("the upstream reported an error mid-stream");
-            return Err(upstream_error(message));
-        }
-        Ok(one_chunk(event.data))
+        openai::stream_event(&event)
     }
 
     fn build_models_request(_ctx: ChannelContext) -> Option<HttpRequest> {
@@ -170,32 +153,7 @@ impl Provider for OpenAi {
         _ctx: ChannelContext,
         response: HttpResponse,
     ) -> Result<Vec<ModelInfo>, PluginError> {
-        if !(200..300).contains(&response.status) {
-            return Err(error_from_status(&response));
-        }
-        let v: Value = parse_upstream(&response.body)?;
-        let data = v
-            .get("data")
-            .and_then(Value::as_array)
-            .ok_or_else(|| upstream_error("malformed model list: no `data`"))?;
-        let known = Self::describe().models;
-        Ok(data
-            .iter()
-            .filter_map(|m| m.get("id").and_then(Value::as_str))
-            .map(|id| {
-                known
-                    .iter()
-                    .find(|k| k.id == id)
-                    .cloned()
-                    .unwrap_or(ModelInfo {
-                        id: id.into(),
-                        kinds: vec!["chat".into()],
-                        context_window: None,
-                        max_output_tokens: None,
-                        price: None,
-                    })
-            })
-            .collect())
+        openai::models(response, &Self::describe().models)
     }
 }
 

@@ -1,9 +1,130 @@
-//! OpenAI chat shapes: reading a unified request and writing unified responses and chunks.
-//! The unified shape is OpenAI's own, so a plugin for a different API translates to these.
+//! OpenAI shapes: reading a unified request and writing unified responses and chunks (the
+//! unified shape is OpenAI's own, so a plugin for a different API translates to these); and the
+//! whole translation for an upstream that speaks OpenAI's API ([`request`], [`response`],
+//! [`stream_event`], [`models`]), shared by the `openai` and `azure` plugins, which differ only
+//! in the URL and the credential.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::{PluginError, invalid_request};
+use crate::{
+    ChannelContext, HttpRequest, HttpResponse, ModelInfo, PluginError, SseEvent, StreamOutput,
+    error_from_status, header, invalid_request, json_request, parse_request, parse_upstream,
+    upstream_error,
+};
+
+/// The path of each kind under an OpenAI-compatible base URL: chat, embedding, image, speech.
+pub fn path_of(kind: &str) -> Option<&'static str> {
+    match kind {
+        "chat" => Some("/chat/completions"),
+        "embedding" => Some("/embeddings"),
+        "image" => Some("/images/generations"),
+        "speech" => Some("/audio/speech"),
+        _ => None,
+    }
+}
+
+/// The upstream request for a unified request of `kind` at `path` (under the base URL): the
+/// client's body with the channel's model; a stream asks for the usage chunk (billing counts
+/// the tokens of streams too); only chat streams. Speech answers with audio bytes, which the
+/// host passes to the client as they arrive.
+pub fn request(
+    ctx: &ChannelContext,
+    kind: &str,
+    request: &str,
+    path: &str,
+) -> Result<HttpRequest, PluginError> {
+    let mut body: Map<String, Value> = parse_request(request)?;
+    body.insert("model".into(), Value::String(ctx.model.clone()));
+    if kind != "chat" {
+        body.remove("stream");
+    }
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if stream {
+        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Some(o) = opts.as_object_mut() {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let mut req = json_request("POST", path, &Value::Object(body), stream);
+    if kind == "speech" {
+        req.headers
+            .retain(|h| !h.name.eq_ignore_ascii_case("accept"));
+        req.headers
+            .push(header("accept", "audio/*, application/json"));
+    }
+    Ok(req)
+}
+
+/// A whole upstream answer: a failed status mapped to its class; else the body, checked to
+/// carry `choices` (chat) or `data` (the other kinds). Speech succeeds with audio, which the
+/// host never gives to a plugin: here it only ever sees speech's errors.
+pub fn response(kind: &str, response: HttpResponse) -> Result<String, PluginError> {
+    if !(200..300).contains(&response.status) {
+        return Err(error_from_status(&response));
+    }
+    if kind == "speech" {
+        return Err(upstream_error(
+            "a speech answer is binary: the host passes it through",
+        ));
+    }
+    let v: Value = parse_upstream(&response.body)?;
+    let field = if kind == "chat" { "choices" } else { "data" };
+    if !v.get(field).is_some_and(Value::is_array) {
+        return Err(upstream_error(format!(
+            "malformed upstream response: no `{field}`"
+        )));
+    }
+    String::from_utf8(response.body)
+        .map_err(|_| upstream_error("malformed upstream response: not UTF-8"))
+}
+
+/// One streamed event: `[DONE]` ends the stream, an `error` object fails it, any other JSON
+/// object is a chunk in the unified shape already.
+pub fn stream_event(event: &SseEvent) -> Result<StreamOutput, PluginError> {
+    if crate::is_done(event) {
+        return Ok(crate::done());
+    }
+    let v: Value = serde_json::from_str(&event.data)
+        .map_err(|e| upstream_error(format!("malformed upstream stream event: {e}")))?;
+    if let Some(err) = v.get("error") {
+        let message = err
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("the upstream reported an error mid-stream");
+        return Err(upstream_error(message));
+    }
+    Ok(crate::one_chunk(event.data.clone()))
+}
+
+/// The upstream's model list (`{"data": [{"id"}]}`), each model as `known` describes it, else
+/// as a chat model without a price.
+pub fn models(response: HttpResponse, known: &[ModelInfo]) -> Result<Vec<ModelInfo>, PluginError> {
+    if !(200..300).contains(&response.status) {
+        return Err(error_from_status(&response));
+    }
+    let v: Value = parse_upstream(&response.body)?;
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| upstream_error("malformed model list: no `data`"))?;
+    Ok(data
+        .iter()
+        .filter_map(|m| m.get("id").and_then(Value::as_str))
+        .map(|id| {
+            known
+                .iter()
+                .find(|k| k.id == id)
+                .cloned()
+                .unwrap_or(ModelInfo {
+                    id: id.into(),
+                    kinds: vec!["chat".into()],
+                    context_window: None,
+                    max_output_tokens: None,
+                    price: None,
+                })
+        })
+        .collect())
+}
 
 /// One message's role and its text (string content, or the `text` parts of an array).
 #[derive(Debug, Clone, PartialEq, Eq)]

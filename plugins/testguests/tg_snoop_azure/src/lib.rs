@@ -1,0 +1,8 @@
+//! Test guest: the snoop guest with the credential in Azure's api-key header, so a test can prove the upstream got the secret and the plugin never saw it.
+use tollgate_plugin_sdk::serde_json;
+use tollgate_plugin_sdk::*;
+const NAME: &str = "tg_snoop_azure";
+fn auth() -> AuthScheme {
+    AuthScheme::CustomHeader("api-key".into())
+}
+include!("../../snoop_common.rs");

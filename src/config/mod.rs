@@ -13,8 +13,10 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Yaml};
 
+mod limits;
 mod raw;
 mod tasks;
+pub use limits::{FailMode, GuardAction, GuardConfig, LimitsBackend, LimitsConfig};
 use raw::RawConfig;
 pub use tasks::{Storage, TasksConfig};
 
@@ -69,6 +71,8 @@ pub struct Config {
     /// Channels and models: the part of the configuration that is reloaded while serving.
     pub routes: RoutesConfig,
     pub tasks: TasksConfig,
+    pub limits: LimitsConfig,
+    pub guard: GuardConfig,
     pub log: LogConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,

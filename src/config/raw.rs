@@ -40,6 +40,10 @@ pub(super) struct RawConfig {
     moderation: RawModeration,
     #[serde(default)]
     tasks: super::tasks::RawTasks,
+    #[serde(default)]
+    limits: super::limits::RawLimits,
+    #[serde(default)]
+    guard: super::limits::RawGuard,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +443,8 @@ impl RawConfig {
         }
         let admin_token = env.get(&self.operator.admin_token_env).map(Secret::new);
         let tasks = self.tasks.validate(env, &mut problems);
+        let limits = self.limits.validate(&mut problems);
+        let guard = self.guard.validate(&mut problems);
         let mut routes = validate_routes(self.channels, self.models, env, &mut problems);
         for (i, m) in self.auth.anonymous_models.iter().enumerate() {
             if !routes.models.iter().any(|r| &r.name == m) {
@@ -495,6 +501,8 @@ impl RawConfig {
             },
             routes,
             tasks,
+            limits,
+            guard,
             log: LogConfig {
                 filter: self.log.filter,
                 json: self.log.json,

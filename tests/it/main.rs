@@ -10,6 +10,7 @@ mod embeddings;
 mod hardening;
 mod hot_reload;
 mod images;
+mod limits;
 mod openai_sdk;
 mod policy;
 mod pricing;

@@ -74,6 +74,9 @@ pub struct GuardConfig {
     pub rate_min_requests: u64,
     /// Minutes the baseline remembers (EWMA weight 2/(n+1) per minute).
     pub rate_baseline_minutes: u32,
+    /// The baseline of a key before its first full minute on this gateway; `None`: such a key
+    /// is not judged on its rate until it has one (a load test's first minutes are no jump).
+    pub rate_initial_baseline: Option<f64>,
     /// Blocked prompts of a key within the moderation window (10 min) that trigger the guard; 0: off.
     pub blocked_prompts: u64,
     /// Failed requests (not blocked) of a key within 10 minutes that are an error storm, once
@@ -203,6 +206,8 @@ pub(super) struct RawGuard {
     rate_min_requests: u64,
     #[serde(default = "default_baseline")]
     rate_baseline_minutes: u32,
+    #[serde(default)]
+    rate_initial_baseline: Option<f64>,
     #[serde(default = "default_blocked")]
     blocked_prompts: u64,
     #[serde(default = "default_failures")]
@@ -221,6 +226,7 @@ impl Default for RawGuard {
             rate_factor: default_factor(),
             rate_min_requests: default_rate_min(),
             rate_baseline_minutes: default_baseline(),
+            rate_initial_baseline: None,
             blocked_prompts: default_blocked(),
             error_failures: default_failures(),
             error_ratio: default_ratio(),
@@ -274,6 +280,12 @@ impl RawGuard {
         if self.throttle_requests_per_minute == 0 {
             problems.push("guard.throttle_requests_per_minute: must be at least 1".into());
         }
+        if self
+            .rate_initial_baseline
+            .is_some_and(|b| !(b >= 0.0 && b.is_finite()))
+        {
+            problems.push("guard.rate_initial_baseline: must be a number of at least 0".into());
+        }
         if self.rate_baseline_minutes == 0 {
             problems.push("guard.rate_baseline_minutes: must be at least 1".into());
         }
@@ -285,6 +297,7 @@ impl RawGuard {
             rate_factor: self.rate_factor,
             rate_min_requests: self.rate_min_requests,
             rate_baseline_minutes: self.rate_baseline_minutes.max(1),
+            rate_initial_baseline: self.rate_initial_baseline,
             blocked_prompts: self.blocked_prompts,
             error_failures: self.error_failures,
             error_ratio: self.error_ratio,

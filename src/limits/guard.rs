@@ -3,7 +3,9 @@
 //!
 //! Signals, per key, in this process (each gateway sees its own share of a key's traffic):
 //! - `rate_jump`: this minute's requests pass `rate_factor` × the key's baseline (an EWMA of
-//!   its earlier minutes) and at least `rate_min_requests`;
+//!   its earlier minutes) and at least `rate_min_requests`; a key's first, partial minute on
+//!   a gateway is not part of its baseline, and until it has one it starts from
+//!   `rate_initial_baseline` (unset: it is not judged on its rate yet);
 //! - `blocked_prompts`: the moderation record counts `blocked_prompts` blocks of the key in its
 //!   sliding window ([`crate::moderation::Record::blocks_for_key`]);
 //! - `error_storm`: `error_failures` failed requests (not counting blocks) in the last ten
@@ -226,6 +228,8 @@ struct Usage {
     this_minute: u64,
     /// EWMA of requests per minute over the earlier minutes; `None` before the first full one.
     baseline: Option<f64>,
+    /// The minute the key was first seen (partial: not folded into the baseline).
+    first_minute: i64,
     requests: Window,
     failures: Window,
     /// Blocks the moderation record counted when the guard last acted (they do not count again).
@@ -294,12 +298,15 @@ impl Guard {
         let state = self.keys.get_with(key_id.to_string(), Default::default);
         let mut u = lock(&state);
         let minute = now_ms.div_euclid(60_000);
+        if u.minute == 0 {
+            u.first_minute = minute;
+        }
         if u.minute != minute {
-            if u.minute != 0 {
+            if u.minute != 0 && u.minute != u.first_minute {
                 // Fold the finished minute, then every idle one, into the baseline.
                 let alpha = 2.0 / (f64::from(self.cfg.rate_baseline_minutes) + 1.0);
                 let idle = (minute - u.minute - 1).clamp(0, 10_000);
-                let mut b = match u.baseline {
+                let mut b = match u.baseline.or(self.cfg.rate_initial_baseline) {
                     Some(b) => alpha * u.this_minute as f64 + (1.0 - alpha) * b,
                     None => u.this_minute as f64,
                 };
@@ -312,8 +319,9 @@ impl Guard {
         u.this_minute += 1;
         u.requests.add(minute);
         let cfg = &self.cfg;
-        let baseline = u.baseline.unwrap_or(0.0);
-        let trip = if u.this_minute >= cfg.rate_min_requests.max(1)
+        let baseline = u.baseline.or(cfg.rate_initial_baseline);
+        let trip = if let Some(baseline) = baseline
+            && u.this_minute >= cfg.rate_min_requests.max(1)
             && u.this_minute as f64 > cfg.rate_factor * baseline
         {
             Some(Trip {
@@ -348,6 +356,7 @@ impl Guard {
             // Start again: only new abuse trips the guard after this action is lifted.
             *u = Usage {
                 minute,
+                first_minute: u.first_minute,
                 blocks_seen: blocks,
                 baseline: u.baseline,
                 ..Usage::default()
@@ -420,6 +429,7 @@ mod tests {
             rate_factor: 5.0,
             rate_min_requests: 20,
             rate_baseline_minutes: 5,
+            rate_initial_baseline: None,
             blocked_prompts: 3,
             error_failures: 5,
             error_ratio: 0.5,
@@ -445,6 +455,33 @@ mod tests {
             }
         }
         assert_eq!(tripped.map(|t| t.reason), Some("rate_jump"));
+    }
+
+    #[test]
+    fn a_new_key_is_judged_on_its_rate_only_once_it_has_a_baseline() {
+        let g = Guard::new(cfg(), None);
+        let t0 = 2_000 * 60_000 + 59_000;
+        // A partial first minute, then a full one at a high rate: no baseline to jump from.
+        for _ in 0..5 {
+            assert_eq!(g.observe("k", 0, t0), None);
+        }
+        for _ in 0..500 {
+            assert_eq!(g.observe("k", 0, t0 + 1_000), None);
+        }
+        for _ in 0..500 {
+            assert_eq!(g.observe("k", 0, t0 + 61_000), None);
+        }
+        let with_initial = Guard::new(
+            GuardConfig {
+                rate_initial_baseline: Some(1.0),
+                ..cfg()
+            },
+            None,
+        );
+        let trips = (0..20)
+            .filter_map(|_| with_initial.observe("k", 0, t0))
+            .count();
+        assert_eq!(trips, 1);
     }
 
     #[test]

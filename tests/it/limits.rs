@@ -363,14 +363,14 @@ async fn a_rate_jump_throttles_the_key_to_the_configured_rate() {
     let up = MockUpstream::start().await;
     let gw = gateway(
         &up,
-        "guard:\n  action: throttle\n  throttle_requests_per_minute: 1\n  rate_factor: 2\n  rate_min_requests: 5\n",
+        "guard:\n  action: throttle\n  throttle_requests_per_minute: 1\n  rate_factor: 2\n  rate_min_requests: 5\n  rate_initial_baseline: 1\n",
         None,
     )
     .await;
     let acct = account(&gw, "bursty").await;
     let (key_id, key) = key_with(&gw, &acct, json!({})).await;
-    // A new key has no baseline: 5 requests in a minute are a jump (a minute boundary on the
-    // way only raises the count needed), then the key gets 1 a minute.
+    // A new key starts from a baseline of 1 a minute: 5 requests in a minute are a jump (a
+    // minute boundary on the way only raises the count needed), then the key gets 1 a minute.
     let mut throttled = None;
     for _ in 0..40 {
         let r = chat(&gw, &key, "hi").await;

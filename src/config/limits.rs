@@ -79,8 +79,8 @@ pub struct GuardConfig {
     pub rate_initial_baseline: Option<f64>,
     /// Blocked prompts of a key within the moderation window (10 min) that trigger the guard; 0: off.
     pub blocked_prompts: u64,
-    /// Failed requests (not blocked) of a key within 10 minutes that are an error storm, once
-    /// they are at least `error_ratio` of its requests; 0: off.
+    /// Requests of a key that failed at their provider (upstream or plugin) within 10 minutes
+    /// that are an error storm, once they are at least `error_ratio` of its requests; 0: off.
     pub error_failures: u64,
     pub error_ratio: f64,
 }

@@ -8,8 +8,9 @@
 //!   `rate_initial_baseline` (unset: it is not judged on its rate yet);
 //! - `blocked_prompts`: the moderation record counts `blocked_prompts` blocks of the key in its
 //!   sliding window ([`crate::moderation::Record::blocks_for_key`]);
-//! - `error_storm`: `error_failures` failed requests (not counting blocks) in the last ten
-//!   minutes, at least `error_ratio` of the key's requests.
+//! - `error_storm`: `error_failures` requests that failed after they were sent to a provider
+//!   (upstream or plugin failures; never the gateway's own refusals: limits, balance, blocks) in
+//!   the last ten minutes, at least `error_ratio` of the key's requests.
 //!
 //! Signals are read at admission; an action is a row of `key_suspensions` (so it holds on
 //! every gateway of the database, read with the key, cached for `auth.cache_ttl`) and resets
@@ -333,7 +334,7 @@ impl Guard {
             })
         } else {
             let new_blocks = blocks.saturating_sub(u.blocks_seen);
-            let failures = u.failures.count(minute).saturating_sub(new_blocks);
+            let failures = u.failures.count(minute);
             let requests = u.requests.count(minute).max(1);
             if cfg.blocked_prompts > 0 && new_blocks >= cfg.blocked_prompts {
                 Some(Trip {
@@ -365,7 +366,7 @@ impl Guard {
         trip
     }
 
-    /// A request of `key_id` ended: `failed` if it did not succeed.
+    /// A request of `key_id` ended: `failed` if it failed after it was sent to a provider.
     pub fn ended(&self, key_id: &str, failed: bool) {
         if !failed || !self.cfg.enabled {
             return;
@@ -502,7 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn failures_that_are_not_blocks_make_an_error_storm() {
+    fn failures_make_an_error_storm() {
         let g = Guard::new(cfg(), None);
         let now = now_ms();
         for _ in 0..4 {

@@ -478,6 +478,7 @@ impl Limiter {
             estimate: ask.estimate,
             day: now_ms().div_euclid(DAY_MS),
             used: None,
+            dispatched: false,
         };
         if scopes.is_empty() {
             return Ok(watched.is_some().then(|| admitted(None)));
@@ -556,9 +557,18 @@ pub struct Admitted {
     day: i64,
     /// Tokens and cost, once it succeeded.
     used: Option<(u64, Credits)>,
+    /// Sent to a provider: a failure from here on is the provider's or a plugin's (the guard's
+    /// error storm), not a refusal of the gateway's own.
+    dispatched: bool,
 }
 
 impl Admitted {
+    /// The request goes to its provider now.
+    pub fn dispatched(mut self) -> Self {
+        self.dispatched = true;
+        self
+    }
+
     /// The request succeeded: it used `tokens` and cost `cost`.
     pub fn finish(mut self, tokens: u64, cost: Credits) {
         self.used = Some((tokens, cost));
@@ -568,7 +578,7 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if let Some((guard, key_id)) = &self.guard {
-            guard.ended(key_id, self.used.is_none());
+            guard.ended(key_id, self.dispatched && self.used.is_none());
         }
         match self.held.take() {
             Some(Held::Local(held)) => {

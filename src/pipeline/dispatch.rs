@@ -50,7 +50,7 @@ pub async fn dispatch(
     let a = reserved.screened.admitted;
     let bill = Bill {
         hold,
-        place: a.place,
+        place: a.place.map(crate::limits::Admitted::dispatched),
         estimate: a.estimate,
     };
     let pick = a.pick;

@@ -399,3 +399,46 @@ async fn a_rate_jump_throttles_the_key_to_the_configured_rate() {
     assert_eq!(r.status(), 200);
     assert_eq!(chat(&gw, &key, "hi").await.status(), 200);
 }
+
+#[tokio::test]
+async fn an_error_storm_at_the_provider_suspends_the_key_and_the_gateways_refusals_do_not() {
+    let up = MockUpstream::start().await;
+    let gw = gateway(
+        &up,
+        "guard:\n  error_failures: 3\n  error_ratio: 0.3\n",
+        None,
+    )
+    .await;
+    let acct = account(&gw, "stormy").await;
+    let (key_id, key) = key_with(&gw, &acct, json!({"requests_per_minute": 1000})).await;
+    // Refusals of the gateway's own (blocked prompts) are no error storm; 3 provider
+    // failures of 8 requests are (3 ≥ error_failures, 3/8 ≥ error_ratio).
+    for _ in 0..4 {
+        assert_eq!(chat(&gw, &key, BLOCKED).await.status(), 400);
+    }
+    let fail = |model: &'static str| {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.public))
+            .bearer_auth(&key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(fail("fail500").await.unwrap().status(), 502);
+    }
+    let body = assert_openai_error(chat(&gw, &key, "hello").await, 403, "key_suspended").await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("error_storm"),
+        "{body}"
+    );
+    let s = suspensions(&gw, &key_id).await;
+    assert_eq!(s["suspensions"][0]["reason"], "error_storm", "{s}");
+    assert!(
+        gw.metrics()
+            .await
+            .contains(r#"tollgate_guard_actions_total{action="suspend",reason="error_storm"} 1"#)
+    );
+}

@@ -1,5 +1,6 @@
 //! The admin API, on the operator listener behind `Authorization: Bearer <admin token>`:
-//! accounts, credits and debits, keys (create, list, rotate, revoke), the ledger, moderation.
+//! accounts (and their limits), credits and debits, keys (create, list, rotate, revoke, the
+//! guard's suspensions and their lift), the ledger, moderation.
 //! Thin handlers: the operations themselves are `accounts`', shared with the CLI.
 
 use axum::Router;

@@ -81,6 +81,8 @@ pub enum StartError {
     Reconcile(#[from] crate::billing::BillingError),
     #[error("tasks: {0}")]
     Tasks(String),
+    #[error("limits: {0}")]
+    Limits(String),
     #[error("models without a price (give each a `price`, or mark it `free: true`): {}", .0.join(", "))]
     Unpriced(Vec<String>),
     #[error("policies refused:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
@@ -146,6 +148,15 @@ impl AppState {
                 "holding the reservations of unfinished tasks again"
             );
         }
+        let limiter = crate::limits::Limiter::from_config(
+            &config.limits,
+            &config.guard,
+            Some(&metrics),
+            &background,
+        )
+        .await
+        .map_err(StartError::Limits)?;
+        limiter.guard.refresh_gauge(billing.db()).await;
         let body_budget = server::listen::BodyBudget::new(
             config.server.max_inflight_body_bytes,
             config.server.max_body_bytes,
@@ -158,7 +169,7 @@ impl AppState {
             metrics,
             auth,
             billing,
-            limiter: crate::limits::Limiter::new(),
+            limiter,
             moderator,
             body_budget,
             tasks,

@@ -91,7 +91,9 @@ impl ApiError {
                 | AuthError::Unknown
                 | AuthError::Revoked
                 | AuthError::Expired => StatusCode::UNAUTHORIZED,
-                AuthError::AccountSuspended => StatusCode::FORBIDDEN,
+                AuthError::AccountSuspended | AuthError::KeySuspended { .. } => {
+                    StatusCode::FORBIDDEN
+                }
                 AuthError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::Billing(e) => match e {
@@ -101,7 +103,10 @@ impl ApiError {
                 BillingError::Ledger(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
             Self::Limit(LimitError::Exceeded(_)) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Limit(LimitError::Billing(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Limit(LimitError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Limit(LimitError::Billing(_) | LimitError::Store(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::ContentPolicy(_) => StatusCode::BAD_REQUEST,
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => StatusCode::SERVICE_UNAVAILABLE,
@@ -152,6 +157,7 @@ impl ApiError {
                 AuthError::Revoked => "revoked_api_key",
                 AuthError::Expired => "expired_api_key",
                 AuthError::AccountSuspended => "account_suspended",
+                AuthError::KeySuspended { .. } => "key_suspended",
                 AuthError::Store(_) => "internal_error",
             },
             Self::Billing(e) => match e {
@@ -161,7 +167,8 @@ impl ApiError {
                 BillingError::Ledger(_) => "internal_error",
             },
             Self::Limit(LimitError::Exceeded(_)) => "rate_limit_exceeded",
-            Self::Limit(LimitError::Billing(_)) => "internal_error",
+            Self::Limit(LimitError::Unavailable) => "limits_unavailable",
+            Self::Limit(LimitError::Billing(_) | LimitError::Store(_)) => "internal_error",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::ContentPolicy(_) => "content_policy_violation",
             Self::Routing(RoutingError::PluginNotLoaded { .. }) => "provider_unavailable",
@@ -274,7 +281,7 @@ impl ApiError {
             Self::Limit(LimitError::Exceeded(e)) => e
                 .retry_after()
                 .map(|d| d.as_millis().div_ceil(1000).max(1) as u64),
-            Self::Request(RequestError::Busy) => Some(1),
+            Self::Request(RequestError::Busy) | Self::Limit(LimitError::Unavailable) => Some(1),
             Self::Billing(BillingError::Backlog { retry_after, .. }) => {
                 Some(retry_after.as_secs().max(1))
             }

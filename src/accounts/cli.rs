@@ -13,6 +13,12 @@ pub enum AccountsCommand {
     Create { name: String },
     /// List accounts with their balances.
     List,
+    /// Set an account's limits, shared by all its keys (every flag left out: no such limit).
+    Limits {
+        account: String,
+        #[command(flatten)]
+        limits: Limits,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +83,15 @@ pub enum KeysCommand {
     Rotate { id: String },
     /// Revoke a key.
     Revoke { id: String },
+    /// Lift the suspension or throttle the abnormal-usage guard put on a key.
+    Lift {
+        id: String,
+        /// Who lifts it (recorded).
+        #[arg(long, default_value = "cli")]
+        by: String,
+    },
+    /// A key's suspensions and throttles, newest first.
+    Suspensions { id: String },
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -92,6 +107,9 @@ pub async fn accounts(billing: &Billing, cmd: AccountsCommand) -> anyhow::Result
     match cmd {
         AccountsCommand::Create { name } => print_json(&super::create(billing, &name).await?),
         AccountsCommand::List => print_json(&super::list(billing).await?),
+        AccountsCommand::Limits { account, limits } => {
+            print_json(&super::set_limits(billing, &account, &limits).await?)
+        }
     }
 }
 
@@ -178,5 +196,7 @@ pub async fn keys_cmd(
             print_json(&serde_json::json!({"key": plain.expose(), "info": info}))
         }
         KeysCommand::Revoke { id } => print_json(&keys::revoke(billing, &id).await?),
+        KeysCommand::Lift { id, by } => print_json(&keys::lift(billing, &id, &by).await?),
+        KeysCommand::Suspensions { id } => print_json(&keys::suspensions(billing, &id).await?),
     }
 }

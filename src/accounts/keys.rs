@@ -196,6 +196,32 @@ pub async fn revoke(billing: &Billing, id: &str) -> Result<KeyInfo, KeyError> {
     Ok(key)
 }
 
+/// A key's suspensions and throttles (the guard's or an operator's), newest first.
+pub async fn suspensions(
+    billing: &Billing,
+    id: &str,
+) -> Result<Vec<crate::limits::guard::Suspension>, KeyError> {
+    get(billing, id).await?;
+    Ok(crate::limits::guard::history(billing.db(), id).await?)
+}
+
+/// Lift the suspension or throttle in force on a key; `by` names the operator (recorded).
+/// The key works again on every gateway within `auth.cache_ttl`.
+pub async fn lift(
+    billing: &Billing,
+    id: &str,
+    by: &str,
+) -> Result<Vec<crate::limits::guard::Suspension>, KeyError> {
+    get(billing, id).await?;
+    let lifted = crate::limits::guard::lift(billing.db(), id, by).await?;
+    if lifted == 0 {
+        return Err(KeyError::Invalid(
+            "the key has no suspension or throttle in force".into(),
+        ));
+    }
+    suspensions(billing, id).await
+}
+
 /// A new key with the same settings; the old one is revoked.
 pub async fn rotate(billing: &Billing, id: &str) -> Result<(KeyInfo, PlainKey), KeyError> {
     let old = get(billing, id).await?;

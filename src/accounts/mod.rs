@@ -55,6 +55,8 @@ pub struct Account {
     pub balance: i64,
     pub reserved: i64,
     pub balance_usd: String,
+    /// Limits shared by all the account's keys (checked together with each key's own).
+    pub limits: crate::limits::Limits,
 }
 
 /// A dollar amount an operator typed ("12.50"): exact, more than 0, at most [`MAX_BALANCE`].
@@ -100,12 +102,12 @@ pub async fn create(billing: &Billing, name: &str) -> Result<Account, AccountErr
 
 /// An account by id or by name, with its balance once every charge so far is in the ledger.
 pub async fn get(billing: &Billing, id_or_name: &str) -> Result<Account, AccountError> {
-    let row: Option<(String, String, String)> =
-        sqlx::query_as("SELECT id, name, status FROM accounts WHERE id = $1 OR name = $1")
+    let row: Option<(String, String, String, String)> =
+        sqlx::query_as("SELECT id, name, status, limits FROM accounts WHERE id = $1 OR name = $1")
             .bind(id_or_name)
             .fetch_optional(&billing.db().pool)
             .await?;
-    let (id, name, status) = row.ok_or(AccountError::NotFound)?;
+    let (id, name, status, limits) = row.ok_or(AccountError::NotFound)?;
     let money = billing.balance(&id).await?;
     Ok(Account {
         id,
@@ -114,7 +116,26 @@ pub async fn get(billing: &Billing, id_or_name: &str) -> Result<Account, Account
         balance: money.balance.0,
         reserved: money.reserved.0,
         balance_usd: money.balance.to_string(),
+        limits: serde_json::from_str(&limits).unwrap_or_default(),
     })
+}
+
+/// Replace an account's limits (all fields; an empty object removes them). Gateways apply them
+/// within `auth.cache_ttl`.
+pub async fn set_limits(
+    billing: &Billing,
+    account: &str,
+    limits: &crate::limits::Limits,
+) -> Result<Account, AccountError> {
+    limits.validate().map_err(AccountError::Invalid)?;
+    let text = serde_json::to_string(limits).map_err(|e| AccountError::Invalid(e.to_string()))?;
+    let account = get(billing, account).await?;
+    sqlx::query("UPDATE accounts SET limits = $1 WHERE id = $2")
+        .bind(text)
+        .bind(&account.id)
+        .execute(&billing.db().pool)
+        .await?;
+    get(billing, &account.id).await
 }
 
 pub async fn list(billing: &Billing) -> Result<Vec<Account>, AccountError> {

@@ -1,5 +1,6 @@
 //! The admin API, on the operator listener behind `Authorization: Bearer <admin token>`:
-//! accounts, credits and debits, keys (create, list, rotate, revoke), the ledger, moderation.
+//! accounts (and their limits), credits and debits, keys (create, list, rotate, revoke, the
+//! guard's suspensions and their lift), the ledger, moderation.
 //! Thin handlers: the operations themselves are `accounts`', shared with the CLI.
 
 use axum::Router;
@@ -24,6 +25,12 @@ pub fn router() -> Router<SharedState> {
         .route("/admin/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/keys/{id}/rotate", post(rotate_key))
         .route("/admin/keys/{id}/revoke", post(revoke_key))
+        .route("/admin/keys/{id}/lift", post(lift_key))
+        .route("/admin/keys/{id}/suspensions", get(key_suspensions))
+        .route(
+            "/admin/accounts/{id}/limits",
+            axum::routing::put(set_account_limits),
+        )
         .route("/admin/ledger", get(ledger))
         .route("/admin/moderation", get(moderation_events))
         .route("/admin/keys/{id}/blocks", get(key_blocks))
@@ -346,6 +353,68 @@ async fn revoke_key(
     let info = keys::revoke(&st.billing, &id).await?;
     st.auth.invalidate_all().await;
     Ok(axum::Json(info).into_response())
+}
+
+/// `POST /admin/keys/{id}/lift` (body optional: `{"by": "<operator>"}`): lift the guard's
+/// suspension or throttle; the key's history of actions is returned.
+async fn lift_key(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct Lift {
+        by: Option<String>,
+    }
+    let lift: Lift = if body.iter().all(u8::is_ascii_whitespace) {
+        Lift::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(format!("body: {e}")))?
+    };
+    let by = lift.by.unwrap_or_else(|| "admin".into());
+    let history = keys::lift(&st.billing, &id, &by).await?;
+    st.auth.invalidate_all().await;
+    st.limiter.guard.refresh_gauge(st.billing.db()).await;
+    Ok(axum::Json(json!({"key_id": id, "suspensions": history})).into_response())
+}
+
+/// `GET /admin/keys/{id}/suspensions`: the key's suspensions and throttles, newest first.
+async fn key_suspensions(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let history = keys::suspensions(&st.billing, &id).await?;
+    let active = crate::limits::guard::active_action(st.billing.db(), &id)
+        .await
+        .map_err(|e| AdminError::Billing(BillingError::Ledger(e)))?;
+    Ok(axum::Json(json!({
+        "key_id": id,
+        "suspended": active.as_ref().is_some_and(|a| a.throttle.is_none()),
+        "throttled_to_requests_per_minute": active.as_ref().and_then(|a| a.throttle),
+        "suspensions": history,
+    }))
+    .into_response())
+}
+
+/// `PUT /admin/accounts/{id}/limits`: the account's limits (the same object as a key's
+/// `limits`; `{}` removes them).
+async fn set_account_limits(
+    State(st): State<SharedState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, AdminError> {
+    check_admin(&st, &headers)?;
+    let limits: crate::limits::Limits =
+        serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(format!("body: {e}")))?;
+    let account = accounts::set_limits(&st.billing, &id, &limits).await?;
+    st.auth.invalidate_all().await;
+    Ok(axum::Json(account).into_response())
 }
 
 async fn ledger(

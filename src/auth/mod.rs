@@ -36,6 +36,9 @@ pub enum AuthError {
     Expired,
     #[error("The account of this API key is suspended.")]
     AccountSuspended,
+    /// The abnormal-usage guard (or an operator) suspended the key; `reason` says why.
+    #[error("This API key is suspended ({reason}). Contact the operator to lift it.")]
+    KeySuspended { reason: String },
     #[error("key lookup failed")]
     Store(#[from] StoreError),
 }
@@ -54,7 +57,10 @@ pub struct Caller {
     pub account_id: String,
     pub allowed_models: Option<Vec<String>>,
     pub policy_set: String,
+    /// The key's limits (tightened while the guard throttles it).
     pub limits: Arc<Limits>,
+    /// The account's limits, shared by all its keys.
+    pub account_limits: Arc<Limits>,
 }
 
 impl Caller {
@@ -137,9 +143,12 @@ struct KeyRow {
     allowed_models: Option<Vec<String>>,
     policy_set: String,
     limits: Arc<Limits>,
+    account_limits: Arc<Limits>,
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
     account_status: String,
+    /// The guard's action in force when the row was read.
+    action: Option<Arc<crate::limits::guard::Action>>,
 }
 
 /// Bearer key → `Caller`. Positive and negative lookups are cached for `ttl` (1 s by default), so
@@ -190,13 +199,25 @@ impl Authenticator {
         if row.account_status != "active" {
             return Err(AuthError::AccountSuspended);
         }
+        let mut limits = row.limits.clone();
+        if let Some(action) = row.action.as_deref().filter(|a| a.in_force(now_ms())) {
+            match action.throttle {
+                None => {
+                    return Err(AuthError::KeySuspended {
+                        reason: action.reason.clone(),
+                    });
+                }
+                Some(rpm) => limits = Arc::new(limits.tightened(rpm)),
+            }
+        }
         Ok(Caller {
             key_id: row.id.clone(),
             key_name: row.name.clone(),
             account_id: row.account_id.clone(),
             allowed_models: row.allowed_models.clone(),
             policy_set: row.policy_set.clone(),
-            limits: row.limits.clone(),
+            limits,
+            account_limits: row.account_limits.clone(),
         })
     }
 
@@ -217,46 +238,60 @@ type KeyTuple = (
     Option<i64>,
     Option<i64>,
     String,
+    String,
 );
+
+/// Stored limits; a row edited by hand into something unreadable must not lock its key out:
+/// it runs without them, logged at every load.
+fn parse_limits(text: &str) -> Arc<Limits> {
+    Arc::new(serde_json::from_str(text).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "stored limits do not parse; they are not enforced");
+        Limits::default()
+    }))
+}
 
 async fn load_row(db: &Db, lookup: &str) -> Result<Option<KeyRow>, AuthError> {
     let row: Option<KeyTuple> = sqlx::query_as(
-        "SELECT k.id, k.name, k.account_id, k.secret_hash, k.allowed_models, k.policy_set, k.limits, k.expires_at, k.revoked_at, a.status \
+        "SELECT k.id, k.name, k.account_id, k.secret_hash, k.allowed_models, k.policy_set, k.limits, k.expires_at, k.revoked_at, a.status, a.limits \
          FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.lookup = $1",
     )
     .bind(lookup)
     .fetch_optional(&db.pool)
     .await?;
-    Ok(row.map(
-        |(
-            id,
-            name,
-            account_id,
-            secret_hash,
-            allowed,
-            policy_set,
-            limits,
-            expires_at,
-            revoked_at,
-            account_status,
-        )| KeyRow {
-            id,
-            name,
-            account_id,
-            secret_hash,
-            allowed_models: allowed.and_then(|s| serde_json::from_str(&s).ok()),
-            policy_set,
-            limits: Arc::new(serde_json::from_str(&limits).unwrap_or_else(|e| {
-                // Limits are checked when a key is made; a row edited by hand into something
-                // unreadable must not lock its key out: it is logged at every load.
-                tracing::error!(error = %e, "a key's stored limits do not parse; it runs without them");
-                Limits::default()
-            })),
-            expires_at,
-            revoked_at,
-            account_status,
-        },
-    ))
+    let Some((
+        id,
+        name,
+        account_id,
+        secret_hash,
+        allowed,
+        policy_set,
+        limits,
+        expires_at,
+        revoked_at,
+        account_status,
+        account_limits,
+    )) = row
+    else {
+        return Ok(None);
+    };
+    let action = crate::limits::guard::active_action(db, &id)
+        .await
+        .map_err(AuthError::Store)?
+        .map(Arc::new);
+    Ok(Some(KeyRow {
+        id,
+        name,
+        account_id,
+        secret_hash,
+        allowed_models: allowed.and_then(|s| serde_json::from_str(&s).ok()),
+        policy_set,
+        limits: parse_limits(&limits),
+        account_limits: parse_limits(&account_limits),
+        expires_at,
+        revoked_at,
+        account_status,
+        action,
+    }))
 }
 
 #[cfg(test)]

@@ -343,6 +343,23 @@ pub(super) async fn spent_by_key_since(
     Ok(Credits(spent))
 }
 
+/// What an account was charged since `since_ms` (all its keys).
+pub(super) async fn spent_by_account_since(
+    db: &Db,
+    account_id: &str,
+    since_ms: i64,
+) -> Result<Credits, BillingError> {
+    let (spent,): (i64,) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(-amount), 0) AS BIGINT) FROM ledger \
+         WHERE account_id = $1 AND created_at >= $2 AND kind = 'charge'",
+    )
+    .bind(account_id)
+    .bind(since_ms)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok(Credits(spent))
+}
+
 /// The stored balance equals the sum of the ledger, the stored `reserved` equals the open
 /// reservation rows, and the balance is below zero only if a forced debit took it there or by
 /// at most what charges took beyond their reservations (their `overrun`).

@@ -547,6 +547,16 @@ impl Billing {
         ledger::spent_by_key_since(&self.inner.db, account_id, key_id, since_ms).await
     }
 
+    /// What an account was charged since `since_ms` (for its daily spend limit).
+    pub async fn spent_by_account_since(
+        &self,
+        account_id: &str,
+        since_ms: i64,
+    ) -> Result<Credits, BillingError> {
+        self.flush().await?;
+        ledger::spent_by_account_since(&self.inner.db, account_id, since_ms).await
+    }
+
     /// At rest: the balance equals the sum of the ledger, the stored `reserved` equals the open
     /// reservation rows, the balance is below zero only after a forced debit or by at most what
     /// charges took beyond their reservations; on SQLite also what memory holds for the account

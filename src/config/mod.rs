@@ -13,8 +13,10 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Yaml};
 
+mod limits;
 mod raw;
 mod tasks;
+pub use limits::{FailMode, GuardAction, GuardConfig, LimitsBackend, LimitsConfig};
 use raw::RawConfig;
 pub use tasks::{Storage, TasksConfig};
 
@@ -72,6 +74,8 @@ pub struct Config {
     /// How often each channel's upstream model list is refreshed (`catalog.refresh`).
     pub catalog_refresh: Duration,
     pub tasks: TasksConfig,
+    pub limits: LimitsConfig,
+    pub guard: GuardConfig,
     pub log: LogConfig,
     pub database: DatabaseConfig,
     pub auth: AuthConfig,

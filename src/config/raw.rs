@@ -44,6 +44,10 @@ pub(super) struct RawConfig {
     routing: RawRouting,
     #[serde(default)]
     catalog: RawCatalog,
+    #[serde(default)]
+    limits: super::limits::RawLimits,
+    #[serde(default)]
+    guard: super::limits::RawGuard,
 }
 
 /// `catalog:`: how often each channel's upstream model list is refreshed.
@@ -540,6 +544,8 @@ impl RawConfig {
         }
         let admin_token = env.get(&self.operator.admin_token_env).map(Secret::new);
         let tasks = self.tasks.validate(env, &mut problems);
+        let limits = self.limits.validate(&mut problems);
+        let guard = self.guard.validate(&mut problems);
         let mut routes = validate_routes(self.channels, self.models, env, &mut problems);
         for (i, m) in self.auth.anonymous_models.iter().enumerate() {
             if !routes.models.iter().any(|r| &r.name == m) {
@@ -598,6 +604,8 @@ impl RawConfig {
             routing,
             catalog_refresh,
             tasks,
+            limits,
+            guard,
             log: LogConfig {
                 filter: self.log.filter,
                 json: self.log.json,

@@ -1,18 +1,33 @@
-//! Throttling: the limits a key carries, checked at admission in this process.
+//! Throttling: the limits a key and its account carry, checked together at admission, and
+//! the abnormal-usage guard ([`guard`]).
 //!
-//! A key may carry `requests_per_minute`, `tokens_per_minute`, `concurrent_requests` and
-//! `spend_per_day_usd`. The two rates are GCRA (the generic cell rate algorithm): a key may use a
-//! minute's allowance at once, then one unit per `60 s / limit`. Tokens are counted as the
+//! A key and an account may each carry `requests_per_minute`, `tokens_per_minute`,
+//! `concurrent_requests` and `spend_per_day_usd`; a request must fit both (the account's are
+//! shared by all its keys). The two rates are GCRA (the generic cell rate algorithm): a scope may
+//! use a minute's allowance at once, then one unit per `60 s / limit`. Tokens are counted as the
 //! request's estimate (prompt + maximum output) at admission, corrected to the actual usage when
 //! the request succeeds and given back when it fails. The spend of a UTC day counts the estimates
-//! of requests in flight and the day's charges, read from the ledger when the key is first seen
-//! that day. A request refused here has consumed nothing.
+//! of requests in flight and the day's charges, read from the ledger when the scope is first
+//! seen that day. A request refused here has consumed nothing, in any scope.
+//!
+//! The counters live in this process ([`local`], `limits.backend: local`) or in Redis
+//! ([`redis`], `backend: redis`), shared by every gateway on it. Redis down: admit without
+//! limits (`on_redis_error: open`, counted in `tollgate_limits_redis_errors_total` and logged
+//! once per 10 s) or refuse with 503 `limits_unavailable` (`closed`).
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+pub mod guard;
+mod local;
+mod redis;
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use crate::billing::{Billing, BillingError, Credits};
-use crate::store::now_ms;
+use crate::config::{FailMode, LimitsBackend, LimitsConfig};
+use crate::store::{StoreError, now_ms};
 
 /// The window of both rates.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -82,38 +97,115 @@ impl Limits {
             .as_deref()
             .and_then(Credits::parse_usd)
     }
+
+    /// These limits with at most `rpm` requests per minute (the guard's throttle).
+    pub fn tightened(&self, rpm: u32) -> Self {
+        Self {
+            requests_per_minute: Some(self.requests_per_minute.map_or(rpm, |r| r.min(rpm))),
+            ..self.clone()
+        }
+    }
+}
+
+/// Whose limit: the key's own, or its account's (shared by all its keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    Account,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Key => "key",
+            Self::Account => "account",
+        })
+    }
+}
+
+/// One scope's limits, as a backend checks them.
+pub(crate) struct Scoped<'a> {
+    scope: Scope,
+    account_id: &'a str,
+    key_id: &'a str,
+    limits: &'a Limits,
+}
+
+impl Scoped<'_> {
+    /// The scope's name among the counters: `k:<key id>` or `a:<account id>`.
+    fn cache_key(&self) -> String {
+        match self.scope {
+            Scope::Key => format!("k:{}", self.key_id),
+            Scope::Account => format!("a:{}", self.account_id),
+        }
+    }
+
+    async fn spent_since(&self, billing: &Billing, since_ms: i64) -> Result<Credits, BillingError> {
+        match self.scope {
+            Scope::Key => {
+                billing
+                    .spent_by_key_since(self.account_id, self.key_id, since_ms)
+                    .await
+            }
+            Scope::Account => {
+                billing
+                    .spent_by_account_since(self.account_id, since_ms)
+                    .await
+            }
+        }
+    }
+}
+
+fn spend_exceeded(scope: Scope, limit: Credits, today: i64, now_ms: i64) -> Exceeded {
+    let midnight = (today + 1) * DAY_MS;
+    let wait = u64::try_from(midnight - now_ms).unwrap_or(0);
+    Exceeded::Spend {
+        scope,
+        limit,
+        retry_after: Duration::from_millis(wait),
+    }
 }
 
 /// A limit that refuses this request now.
 #[derive(Debug, thiserror::Error)]
 pub enum Exceeded {
     #[error(
-        "Rate limit reached for requests: this key allows {limit} per minute. Retry in {}.",
+        "Rate limit reached for requests: this {scope} allows {limit} per minute. Retry in {}.",
         reset(*retry_after)
     )]
-    Requests { limit: u32, retry_after: Duration },
+    Requests {
+        scope: Scope,
+        limit: u32,
+        retry_after: Duration,
+    },
     #[error(
-        "Rate limit reached for tokens: this key allows {limit} per minute and this request needs {requested} (prompt and maximum output). Retry in {}.",
+        "Rate limit reached for tokens: this {scope} allows {limit} per minute and this request needs {requested} (prompt and maximum output). Retry in {}.",
         reset(*retry_after)
     )]
     Tokens {
+        scope: Scope,
         limit: u64,
         requested: u64,
         retry_after: Duration,
     },
     #[error(
-        "Request too large for this key's token limit: it needs {requested} tokens (prompt and maximum output) and the key allows {limit} per minute. Lower max_tokens or shorten the prompt."
+        "Request too large for this {scope}'s token limit: it needs {requested} tokens (prompt and maximum output) and the {scope} allows {limit} per minute. Lower max_tokens or shorten the prompt."
     )]
-    TooManyTokens { limit: u64, requested: u64 },
+    TooManyTokens {
+        scope: Scope,
+        limit: u64,
+        requested: u64,
+    },
     #[error(
-        "Too many concurrent requests: this key allows {limit} at a time. Retry when one finishes."
+        "Too many concurrent requests: this {scope} allows {limit} at a time. Retry when one finishes."
     )]
-    Concurrency { limit: u32 },
+    Concurrency { scope: Scope, limit: u32 },
     #[error(
-        "Daily spend limit reached: this key may spend {limit} USD per UTC day. Retry in {}.",
+        "Daily spend limit reached: this {scope} may spend {limit} USD per UTC day. Retry in {}.",
         reset(*retry_after)
     )]
     Spend {
+        scope: Scope,
         limit: Credits,
         retry_after: Duration,
     },
@@ -126,6 +218,12 @@ pub enum LimitError {
     /// The day's spend could not be read.
     #[error(transparent)]
     Billing(#[from] BillingError),
+    /// Redis is down and `limits.on_redis_error` is `closed`.
+    #[error("Rate limits cannot be checked right now; retry shortly.")]
+    Unavailable,
+    /// The guard could not record its action.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Exceeded {
@@ -140,10 +238,22 @@ impl Exceeded {
         }
     }
 
+    pub fn scope(&self) -> Scope {
+        match self {
+            Self::Requests { scope, .. }
+            | Self::Tokens { scope, .. }
+            | Self::TooManyTokens { scope, .. }
+            | Self::Concurrency { scope, .. }
+            | Self::Spend { scope, .. } => *scope,
+        }
+    }
+
     /// OpenAI's `x-ratelimit-*` headers for the limit that refused.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Self::Requests { limit, retry_after } => vec![
+            Self::Requests {
+                limit, retry_after, ..
+            } => vec![
                 ("x-ratelimit-limit-requests", limit.to_string()),
                 ("x-ratelimit-remaining-requests", "0".into()),
                 ("x-ratelimit-reset-requests", reset(*retry_after)),
@@ -159,6 +269,15 @@ impl Exceeded {
                 vec![("x-ratelimit-limit-tokens", limit.to_string())]
             }
             Self::Concurrency { .. } | Self::Spend { .. } => Vec::new(),
+        }
+    }
+
+    fn limit_label(&self) -> &'static str {
+        match self {
+            Self::Requests { .. } => "requests",
+            Self::Tokens { .. } | Self::TooManyTokens { .. } => "tokens",
+            Self::Concurrency { .. } => "concurrency",
+            Self::Spend { .. } => "spend",
         }
     }
 }
@@ -185,49 +304,34 @@ fn reset(d: Duration) -> String {
     }
 }
 
-#[derive(Default)]
-struct KeyState {
-    /// GCRA: the theoretical arrival time of the next request, and of the next token.
-    requests_tat: Option<Instant>,
-    tokens_tat: Option<Instant>,
-    in_flight: u32,
-    /// The UTC day `spent` counts (days since the epoch), if read.
-    day: Option<i64>,
-    spent: i64,
-    /// Estimates of requests in flight.
-    pending: i64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    scope: &'static str,
+    limit: &'static str,
 }
 
-fn lock(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisErrorLabels {
+    /// `admitted` (fail open) or `refused` (fail closed).
+    outcome: &'static str,
 }
 
-/// The time one unit takes at `limit` per [`WINDOW`].
-fn per_unit(limit: u64) -> Duration {
-    WINDOW / u32::try_from(limit).unwrap_or(u32::MAX)
+#[derive(Clone)]
+enum Backend {
+    Local(local::Local),
+    Redis(redis::RedisLimits),
 }
 
-fn units(limit: u64, n: u64) -> Duration {
-    per_unit(limit).saturating_mul(u32::try_from(n).unwrap_or(u32::MAX))
-}
-
-/// GCRA: take `cost` units at `limit` per window; the new arrival time, or how long to wait.
-fn gcra(tat: Option<Instant>, now: Instant, cost: u64, limit: u64) -> Result<Instant, Duration> {
-    let start = tat.map_or(now, |t| t.max(now));
-    let next = start + units(limit, cost);
-    let ahead = next - now;
-    if ahead > WINDOW {
-        Err(ahead - WINDOW)
-    } else {
-        Ok(next)
-    }
-}
-
-/// Per-key state of this process. Keys idle for ten minutes are forgotten (their rates have
-/// recovered by then; their day's spend is read again).
+/// The limits of every key and account, in this process or in Redis.
 #[derive(Clone)]
 pub struct Limiter {
-    keys: moka::sync::Cache<String, Arc<Mutex<KeyState>>>,
+    backend: Backend,
+    fail: FailMode,
+    /// The abnormal-usage guard, told of every keyed request's admission and end.
+    pub guard: guard::Guard,
+    background: crate::background::Background,
+    refusals: Family<RefusalLabels, Counter>,
+    redis_errors: Family<RedisErrorLabels, Counter>,
 }
 
 impl Default for Limiter {
@@ -241,6 +345,7 @@ pub struct Ask<'a> {
     pub account_id: &'a str,
     pub key_id: &'a str,
     pub limits: &'a Limits,
+    pub account_limits: &'a Limits,
     /// Prompt and maximum output.
     pub tokens: u64,
     /// The estimated cost, as reserved.
@@ -248,119 +353,222 @@ pub struct Ask<'a> {
 }
 
 impl Limiter {
+    /// In-process limits, no metrics (tests, the CLI).
     pub fn new() -> Self {
         Self {
-            keys: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_idle(Duration::from_secs(600))
-                .build(),
+            backend: Backend::Local(local::Local::new()),
+            fail: FailMode::Open,
+            guard: guard::Guard::new(crate::config::GuardConfig::disabled(), None),
+            background: crate::background::Background::new(),
+            refusals: Family::default(),
+            redis_errors: Family::default(),
         }
     }
 
-    /// Admit a request, or say which limit refuses it (then nothing is consumed). `None`: the
-    /// key has no limits.
+    /// The gateway's limiter, as configured; with Redis, connecting starts in the background.
+    pub async fn from_config(
+        cfg: &LimitsConfig,
+        guard_cfg: &crate::config::GuardConfig,
+        metrics: Option<&crate::metrics::Metrics>,
+        background: &crate::background::Background,
+    ) -> Result<Self, String> {
+        let backend = match &cfg.backend {
+            LimitsBackend::Local => Backend::Local(local::Local::new()),
+            LimitsBackend::Redis { url } => {
+                Backend::Redis(redis::RedisLimits::new(url, cfg, background).await?)
+            }
+        };
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        let redis_errors = Family::<RedisErrorLabels, Counter>::default();
+        if let Some(m) = metrics {
+            m.register_with(|r| {
+                r.register(
+                    "rate_limited",
+                    "Requests refused with 429 by a limit, by scope (key, account) and limit",
+                    refusals.clone(),
+                );
+                r.register(
+                    "limits_redis_errors",
+                    "Admissions Redis could not check, by outcome (admitted: fail open; refused: fail closed)",
+                    redis_errors.clone(),
+                );
+            });
+        }
+        Ok(Self {
+            backend,
+            fail: cfg.on_redis_error,
+            guard: guard::Guard::new(guard_cfg.clone(), metrics),
+            background: background.clone(),
+            refusals,
+            redis_errors,
+        })
+    }
+
+    /// Before admission: tell the guard of the request; if the key's usage is abnormal, act
+    /// (recorded in the database, this gateway's key cache dropped) and refuse a suspended key.
+    /// `blocks`: the key's blocked prompts in the moderation window.
+    pub async fn guard(
+        &self,
+        db: &crate::store::Db,
+        auth: &crate::auth::Authenticator,
+        key_id: &str,
+        blocks: u64,
+    ) -> Result<(), crate::auth::AuthError> {
+        let Some(trip) = self.guard.observe(key_id, blocks, now_ms()) else {
+            return Ok(());
+        };
+        let s = self.guard.act(db, key_id, &trip).await?;
+        auth.invalidate_all().await;
+        if s.action == "suspend" {
+            return Err(crate::auth::AuthError::KeySuspended { reason: s.reason });
+        }
+        Ok(())
+    }
+
+    /// Admit a request, or say which limit refuses it (then nothing is consumed in any scope).
+    /// `None`: neither the key nor its account has limits (and the guard is off).
     pub async fn admit(
         &self,
         billing: &Billing,
         ask: Ask<'_>,
     ) -> Result<Option<Admitted>, LimitError> {
-        let limits = ask.limits;
-        if limits.is_empty() {
-            return Ok(None);
+        let result = self.admit_inner(billing, &ask).await;
+        if let Err(LimitError::Exceeded(e)) = &result {
+            self.refusals
+                .get_or_create(&RefusalLabels {
+                    scope: match e.scope() {
+                        Scope::Key => "key",
+                        Scope::Account => "account",
+                    },
+                    limit: e.limit_label(),
+                })
+                .inc();
         }
-        let state = self.keys.get_with(ask.key_id.to_string(), Default::default);
-        let cap = limits.spend_per_day();
-        let now_ms = now_ms();
-        let today = now_ms.div_euclid(DAY_MS);
-        if cap.is_some() && lock(&state).day != Some(today) {
-            let spent = billing
-                .spent_by_key_since(ask.account_id, ask.key_id, today * DAY_MS)
-                .await?;
-            let mut s = lock(&state);
-            if s.day != Some(today) {
-                s.day = Some(today);
-                s.spent = spent.0;
-            }
-        }
-        let now = Instant::now();
-        let mut s = lock(&state);
-        if let Some(limit) = limits.concurrent_requests
-            && s.in_flight >= limit
-        {
-            return Err(Exceeded::Concurrency { limit }.into());
-        }
-        let requests_tat = match limits.requests_per_minute {
-            Some(limit) => Some(
-                gcra(s.requests_tat, now, 1, u64::from(limit))
-                    .map_err(|retry_after| Exceeded::Requests { limit, retry_after })?,
-            ),
-            None => None,
+        result
+    }
+
+    async fn admit_inner(
+        &self,
+        billing: &Billing,
+        ask: &Ask<'_>,
+    ) -> Result<Option<Admitted>, LimitError> {
+        let scopes: Vec<Scoped<'_>> = [
+            (Scope::Key, ask.limits),
+            (Scope::Account, ask.account_limits),
+        ]
+        .into_iter()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(scope, limits)| Scoped {
+            scope,
+            account_id: ask.account_id,
+            key_id: ask.key_id,
+            limits,
+        })
+        .collect();
+        let watched = self
+            .guard
+            .config()
+            .enabled
+            .then(|| (self.guard.clone(), ask.key_id.to_string()));
+        let admitted = |held| Admitted {
+            held,
+            guard: watched.clone(),
+            background: self.background.clone(),
+            tokens: ask.tokens,
+            estimate: ask.estimate,
+            day: now_ms().div_euclid(DAY_MS),
+            used: None,
+            dispatched: false,
         };
-        let tokens_tat = match limits.tokens_per_minute {
-            Some(limit) if ask.tokens > limit => {
+        if scopes.is_empty() {
+            return Ok(watched.is_some().then(|| admitted(None)));
+        }
+        for sc in &scopes {
+            if let Some(limit) = sc.limits.tokens_per_minute
+                && ask.tokens > limit
+            {
                 return Err(Exceeded::TooManyTokens {
+                    scope: sc.scope,
                     limit,
                     requested: ask.tokens,
                 }
                 .into());
             }
-            Some(limit) => Some(gcra(s.tokens_tat, now, ask.tokens, limit).map_err(
-                |retry_after| Exceeded::Tokens {
-                    limit,
-                    requested: ask.tokens,
-                    retry_after,
-                },
-            )?),
-            None => None,
-        };
-        if let Some(limit) = cap
-            && s.spent
-                .saturating_add(s.pending)
-                .saturating_add(ask.estimate.0)
-                > limit.0
-        {
-            let midnight = (today + 1) * DAY_MS;
-            let wait = u64::try_from(midnight - now_ms).unwrap_or(0);
-            return Err(Exceeded::Spend {
-                limit,
-                retry_after: Duration::from_millis(wait),
+        }
+        let now_ms = now_ms();
+        let day = now_ms.div_euclid(DAY_MS);
+        let held = match &self.backend {
+            Backend::Local(l) => Held::Local(
+                l.admit(billing, &scopes, ask.tokens, ask.estimate, now_ms)
+                    .await?,
+            ),
+            Backend::Redis(r) => {
+                let id = ulid::Ulid::new().to_string();
+                match r
+                    .admit(billing, &scopes, &id, ask.tokens, ask.estimate, now_ms)
+                    .await
+                {
+                    Ok(admitted) => Held::Redis {
+                        redis: r.clone(),
+                        held: admitted?,
+                        id,
+                    },
+                    Err(down) => {
+                        let open = self.fail == FailMode::Open;
+                        r.log_down(&down, open);
+                        self.redis_errors
+                            .get_or_create(&RedisErrorLabels {
+                                outcome: if open { "admitted" } else { "refused" },
+                            })
+                            .inc();
+                        return if open {
+                            Ok(Some(admitted(None)))
+                        } else {
+                            Err(LimitError::Unavailable)
+                        };
+                    }
+                }
             }
-            .into());
-        }
-        // Every limit agrees: take from each.
-        if requests_tat.is_some() {
-            s.requests_tat = requests_tat;
-        }
-        if tokens_tat.is_some() {
-            s.tokens_tat = tokens_tat;
-        }
-        s.in_flight = s.in_flight.saturating_add(1);
-        s.pending = s.pending.saturating_add(ask.estimate.0);
-        drop(s);
-        Ok(Some(Admitted {
-            state,
-            tokens: ask.tokens,
-            tokens_limit: limits.tokens_per_minute,
-            estimate: ask.estimate,
-            day: today,
-            used: None,
-        }))
+        };
+        let mut a = admitted(Some(held));
+        a.day = day;
+        Ok(Some(a))
     }
 }
 
+enum Held {
+    Local(Vec<local::Held>),
+    Redis {
+        redis: redis::RedisLimits,
+        held: Vec<redis::Held>,
+        id: String,
+    },
+}
+
 /// An admitted request: holds its place among the concurrent ones and its estimate of the
-/// day's spend until dropped. [`Admitted::finish`] records what it used.
+/// day's spend, in each scope, until dropped. [`Admitted::finish`] records what it used.
 pub struct Admitted {
-    state: Arc<Mutex<KeyState>>,
+    held: Option<Held>,
+    /// The guard and the key, told how the request ended.
+    guard: Option<(guard::Guard, String)>,
+    background: crate::background::Background,
     tokens: u64,
-    tokens_limit: Option<u64>,
     estimate: Credits,
     day: i64,
     /// Tokens and cost, once it succeeded.
     used: Option<(u64, Credits)>,
+    /// Sent to a provider: a failure from here on is the provider's or a plugin's (the guard's
+    /// error storm), not a refusal of the gateway's own.
+    dispatched: bool,
 }
 
 impl Admitted {
+    /// The request goes to its provider now.
+    pub fn dispatched(mut self) -> Self {
+        self.dispatched = true;
+        self
+    }
+
     /// The request succeeded: it used `tokens` and cost `cost`.
     pub fn finish(mut self, tokens: u64, cost: Credits) {
         self.used = Some((tokens, cost));
@@ -369,17 +577,23 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut s = lock(&self.state);
-        s.in_flight = s.in_flight.saturating_sub(1);
-        s.pending = s.pending.saturating_sub(self.estimate.0).max(0);
-        let (used, cost) = self.used.unwrap_or((0, Credits(0)));
-        if s.day == Some(self.day) {
-            s.spent = s.spent.saturating_add(cost.0);
+        if let Some((guard, key_id)) = &self.guard {
+            guard.ended(key_id, self.dispatched && self.used.is_none());
         }
-        // Tokens estimated and not used are given back (all of them if the request failed).
-        if let (Some(limit), Some(tat)) = (self.tokens_limit, s.tokens_tat) {
-            let back = units(limit, self.tokens.saturating_sub(used));
-            s.tokens_tat = Some(tat.checked_sub(back).unwrap_or(tat));
+        match self.held.take() {
+            Some(Held::Local(held)) => {
+                local::release(&held, self.day, self.tokens, self.used, self.estimate);
+            }
+            Some(Held::Redis { redis, held, id }) => {
+                let (used, cost) = self.used.unwrap_or((0, Credits(0)));
+                let unused = self.tokens.saturating_sub(used);
+                let delta = cost.0.saturating_sub(self.estimate.0);
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    self.background
+                        .spawn_on(&handle, redis.release(held, id, unused, delta));
+                }
+            }
+            None => {}
         }
     }
 }
@@ -387,18 +601,6 @@ impl Drop for Admitted {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gcra_allows_a_minute_at_once_then_one_per_interval() {
-        let now = Instant::now();
-        let mut tat = None;
-        for _ in 0..3 {
-            tat = Some(gcra(tat, now, 1, 3).unwrap_or(now));
-        }
-        let wait = gcra(tat, now, 1, 3).err();
-        assert_eq!(wait, Some(Duration::from_secs(20)));
-        assert!(gcra(tat, now + Duration::from_secs(20), 1, 3).is_ok());
-    }
 
     #[test]
     fn limits_name_the_bad_field() {

@@ -20,7 +20,8 @@ pub struct Admitted {
     pub(super) pick: Pick,
     pub(super) price: Price,
     pub(super) estimate: Estimate,
-    /// The key's place under its limits, until the request ends (`None`: no limits, anonymous).
+    /// The key's place under its and its account's limits, until the request ends (`None`: no
+    /// limits and no guard, or anonymous).
     pub(super) place: Option<crate::limits::Admitted>,
 }
 
@@ -73,6 +74,10 @@ pub async fn admit(
     let estimate = money::estimate(&price, &call.need, output_cap(st, &pick, &call.need));
     let place = match &caller {
         Some(c) => {
+            let blocks = st.moderator.record.blocks_for_key(&c.key_id);
+            st.limiter
+                .guard(st.billing.db(), &st.auth, &c.key_id, blocks)
+                .await?;
             st.limiter
                 .admit(
                     &st.billing,
@@ -80,6 +85,7 @@ pub async fn admit(
                         account_id: &c.account_id,
                         key_id: &c.key_id,
                         limits: &c.limits,
+                        account_limits: &c.account_limits,
                         tokens: estimate.tokens(),
                         estimate: estimate.cost,
                     },

@@ -132,7 +132,7 @@ async fn run(
     let a = reserved.screened.admitted;
     let bill = Bill {
         hold,
-        place: a.place,
+        place: a.place.map(crate::limits::Admitted::dispatched),
         estimate: a.estimate,
     };
     let Call {

@@ -211,6 +211,28 @@ CREATE TABLE gateway_settings (
 "#,
         ),
     ),
+    // Limits per account (the same JSON object as a key's), and the abnormal-usage guard's
+    // actions on keys: a suspension or a throttle, why, until when, and who lifted it.
+    (
+        5,
+        Migration::Portable(
+            r#"
+ALTER TABLE accounts ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE key_suspensions (
+    id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES api_keys(id),
+    action TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    since BIGINT NOT NULL,
+    until BIGINT,
+    lifted_at BIGINT,
+    lifted_by TEXT
+);
+CREATE INDEX key_suspensions_key ON key_suspensions(key_id, lifted_at)
+"#,
+        ),
+    ),
 ];
 
 /// Milliseconds since the Unix epoch.

@@ -16,6 +16,7 @@ mod gemini_mock;
 mod hardening;
 mod hot_reload;
 mod images;
+mod limits;
 mod openai_sdk;
 mod policy;
 mod pricing;

@@ -9,6 +9,7 @@ mod chat;
 mod cli;
 mod common;
 mod credentials;
+mod dashboard;
 mod embeddings;
 mod families;
 mod gemini;

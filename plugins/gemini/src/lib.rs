@@ -265,7 +265,11 @@ mod tests {
             .find(|m| m.id == "gemini-3-pro-image-preview")
             .unwrap();
         assert_eq!(pro_image.kinds, ["chat", "image"]);
-        assert_eq!(pro_image.price.unwrap().per_image, 0, "image tokens pay for images");
+        assert_eq!(
+            pro_image.price.unwrap().per_image,
+            0,
+            "image tokens pay for images"
+        );
     }
 
     #[test]

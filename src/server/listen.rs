@@ -39,17 +39,17 @@ impl ConnMetrics {
         let m = Self::default();
         metrics.register_with(|reg| {
             reg.register(
-                "tollgate_connections_open",
+                "connections_open",
                 "Open connections on the public listener",
                 m.open.clone(),
             );
             reg.register(
-                "tollgate_connections_refused",
+                "connections_refused",
                 "Connections refused because server.max_connections were open",
                 m.refused.clone(),
             );
             reg.register(
-                "tollgate_connections_cut",
+                "connections_cut",
                 "Connections closed at shutdown after server.shutdown_grace",
                 m.cut.clone(),
             );

@@ -121,7 +121,8 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
         }
         Answer::Stream(s) => {
             let (session, events) = *s;
-            Reply::Stream(relay::relay(session, d.route, events, d.bill))
+            let media = Some((st.tasks.archive.clone(), request_id));
+            Reply::Stream(relay::relay(session, d.route, events, d.bill, media))
         }
     };
     Ok(Served {

@@ -51,13 +51,27 @@ struct Relay {
     usage_chunk: Option<Map<String, Value>>,
     /// The latest usage the upstream reported.
     last_usage: Option<Usage>,
+    /// Where a chunk's inline images are archived (and under which request id), and how many
+    /// chunks had images so far.
+    media: Option<(crate::tasks::Archive, String)>,
+    image_chunks: u64,
+    images: u64,
     /// Bytes of content streamed, to count tokens when the upstream reports no usage.
     content_chars: u64,
 }
 
 /// Relay a dispatched stream to the client (see the module's doc).
-pub fn relay(session: Session, route: Route, events: EventStream, bill: Bill) -> FrameStream {
+pub fn relay(
+    session: Session,
+    route: Route,
+    events: EventStream,
+    bill: Bill,
+    media: Option<(crate::tasks::Archive, String)>,
+) -> FrameStream {
     let relay = Relay {
+        media,
+        image_chunks: 0,
+        images: 0,
         session,
         route,
         events,
@@ -122,7 +136,23 @@ impl Relay {
                 }
             }
             self.content_chars += streamed_chars(&obj);
-            self.queue.push_back(data_frame(&chunk));
+            let has_images = chunk.contains("\"images\"") && chunk.contains("data:");
+            match (&self.media, has_images) {
+                (Some((archive, request_id)), true) => {
+                    let mut v = Value::Object(obj);
+                    let seq = self.image_chunks;
+                    match super::media::archive_chunk_images(archive, request_id, &mut v, seq).await
+                    {
+                        Ok(n) => {
+                            self.image_chunks += 1;
+                            self.images += n;
+                            self.queue.push_back(data_frame(&v.to_string()));
+                        }
+                        Err(e) => return self.fail(&e),
+                    }
+                }
+                _ => self.queue.push_back(data_frame(&chunk)),
+            }
         }
         if out.done && !self.finished {
             self.complete().await;
@@ -142,11 +172,12 @@ impl Relay {
         let Some(bill) = self.bill.take() else {
             return;
         };
-        let usage = self.last_usage.unwrap_or(Usage {
+        let mut usage = self.last_usage.unwrap_or(Usage {
             prompt_tokens: bill.estimate.usage.prompt_tokens,
             completion_tokens: self.content_chars.div_ceil(4),
             ..Usage::default()
         });
+        usage.images = self.images;
         match bill.settle(usage).await {
             Ok(cost) => {
                 if let Some(chunk) = self.usage_chunk.take() {

@@ -436,21 +436,16 @@ async fn a_keyed_call_is_charged_the_tokens_the_upstream_reported() {
     assert_eq!(balance["reserved_picodollars"], 0, "{balance}");
 }
 
-/// The bytes behind an image URL the gateway answered: a `data:image/png;base64,` URL (what the
-/// plugin makes), or an http URL under the gateway's own address (once the host archives
-/// images and links to its copy).
+/// The bytes behind an image URL the gateway answered: a link to the gateway's own copy (the
+/// host archives the provider's inline images, in whole answers and in stream chunks alike).
 async fn image_bytes(gw: &TestGateway, url: &str) -> Vec<u8> {
-    if let Some(b64) = url.strip_prefix("data:image/png;base64,") {
-        return base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap();
-    }
     assert!(
-        url.starts_with(&format!("{}/", gw.public)),
-        "an image URL must be a PNG data: URL or a link to the gateway: {url}"
+        url.starts_with(&format!("{}/v1/files/chat/", gw.public)),
+        "an image URL must be a link to the gateway's archived copy: {url}"
     );
     let resp = gw.client.get(url).send().await.unwrap();
     assert_eq!(resp.status(), 200, "{url}");
+    assert_eq!(resp.headers()["content-type"], "image/png");
     resp.bytes().await.unwrap().to_vec()
 }
 

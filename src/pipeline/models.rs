@@ -4,8 +4,8 @@
 //!
 //! [`Catalog`]: the listing is assembled from config (the public models), the plugins' manifests
 //! and each channel's upstream model list (`build-models-request`), and cached (moka): the
-//! rendered list for at most ten seconds (a plugin or config reload shows within that), the
-//! upstream lists until the next good refresh. A
+//! rendered list for at most ten seconds, keyed by the plugin set's generation and dropped on a
+//! config reload (so either shows at once), the upstream lists until the next good refresh. A
 //! background task refreshes every channel's list each `catalog.refresh`; a failed refresh keeps
 //! the last good list (and is counted: `tollgate_catalog_refreshes_total{outcome}`).
 
@@ -26,7 +26,8 @@ pub struct Catalog {
     /// Each channel's upstream model list, as last fetched successfully.
     upstream: moka::sync::Cache<String, Arc<Vec<ModelInfo>>>,
     /// The rendered `/v1/models` list, for one refresh period.
-    rendered: moka::sync::Cache<(), Arc<Value>>,
+    /// Keyed by the plugin set's generation: a plugin added, replaced or removed shows at once.
+    rendered: moka::sync::Cache<u64, Arc<Value>>,
     refresh: Duration,
     outcomes: prometheus_client::metrics::family::Family<
         crate::metrics::OutcomeLabels,
@@ -47,7 +48,7 @@ impl Catalog {
         Self {
             upstream: moka::sync::Cache::builder().max_capacity(10_000).build(),
             rendered: moka::sync::Cache::builder()
-                .max_capacity(1)
+                .max_capacity(2)
                 .time_to_live(refresh.min(Duration::from_secs(10)))
                 .build(),
             refresh,
@@ -137,7 +138,8 @@ async fn fetch(
 
 /// Every public model (cached for `catalog.refresh`).
 pub fn list(st: &AppState) -> Value {
-    let v = st.catalog.rendered.get_with((), || {
+    let generation = st.routing.plugins().generation();
+    let v = st.catalog.rendered.get_with(generation, || {
         let data: Vec<Value> = st
             .routing
             .models()

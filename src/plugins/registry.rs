@@ -33,6 +33,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     bundled: BTreeMap<String, Arc<Plugin>>,
     current: ArcSwap<BTreeMap<String, Arc<Plugin>>>,
+    /// Bumped every time the set of providers is replaced (caches of what they serve key on it).
+    generation: std::sync::atomic::AtomicU64,
     bundled_policies: BTreeMap<String, Arc<PolicyPlugin>>,
     policies: ArcSwap<BTreeMap<String, Arc<PolicyPlugin>>>,
     /// Serializes rescans (the watcher and an admin-triggered reload may race), and remembers
@@ -65,6 +67,7 @@ impl Registry {
             dir: cfg.dir.clone(),
             metrics,
             current: ArcSwap::from_pointee(bundled_map.clone()),
+            generation: std::sync::atomic::AtomicU64::new(0),
             bundled: bundled_map,
             policies: ArcSwap::from_pointee(bundled_policies.clone()),
             bundled_policies,
@@ -72,6 +75,11 @@ impl Registry {
         });
         registry.rescan();
         Ok(registry)
+    }
+
+    /// How many times the set of providers was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
@@ -212,6 +220,8 @@ impl Registry {
             }
         }
         self.current.store(Arc::new(next));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         self.policies.store(Arc::new(next_policies));
         report
     }

@@ -140,8 +140,27 @@ impl Session {
         out
     }
 
+    /// An upstream 401 or 403 answer is the upstream refusing the channel's credential, an
+    /// error whatever the plugin made of it (the host saw the status itself).
+    pub(super) fn refused_credential(
+        &self,
+        ctx: &ChannelContext,
+        call: &'static str,
+        status: u16,
+    ) -> Option<PluginError> {
+        matches!(status, 401 | 403).then(|| {
+            let e = wtypes::PluginError {
+                class: wtypes::ErrorClass::Auth,
+                message: "the plugin did not report the upstream's refusal as an error".into(),
+                status: Some(status),
+                retry_after_ms: None,
+            };
+            self.guest_error(ctx, call, e, Some(status))
+        })
+    }
+
     /// A guest's error, with its message redacted (see [`guest_error`]).
-    fn guest_error(
+    pub(super) fn guest_error(
         &self,
         ctx: &ChannelContext,
         call: &'static str,
@@ -151,7 +170,7 @@ impl Session {
         guest_error(&self.host, &self.name, ctx, call, e, upstream_status)
     }
 
-    fn bad_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
+    pub(super) fn bad_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
         let err = PluginError::BadOutput {
             plugin: self.name.to_string(),
             call,
@@ -219,15 +238,7 @@ impl Session {
     ) -> Result<Vec<ModelInfo>, PluginError> {
         let wctx = wit_ctx(ctx);
         let status = response.status;
-        let wresp = wtypes::HttpResponse {
-            status,
-            headers: response
-                .headers
-                .into_iter()
-                .map(|(name, value)| wtypes::Header { name, value })
-                .collect(),
-            body: response.body,
-        };
+        let wresp = wit_response(response);
         let g = self.guest();
         let out = self
             .run("parse_models_response", |mut s| async move {
@@ -273,15 +284,7 @@ impl Session {
     ) -> Result<String, PluginError> {
         let wctx = wit_ctx(ctx);
         let status = response.status;
-        let wresp = wtypes::HttpResponse {
-            status,
-            headers: response
-                .headers
-                .into_iter()
-                .map(|(name, value)| wtypes::Header { name, value })
-                .collect(),
-            body: response.body,
-        };
+        let wresp = wit_response(response);
         let g = self.guest();
         let out = self
             .run("parse_response", |mut s| async move {
@@ -291,17 +294,10 @@ impl Session {
             .await?;
         match out {
             Err(e) => Err(self.guest_error(ctx, "parse_response", e, Some(status))),
-            // The host saw the refusal itself, whatever the plugin made of it.
-            Ok(_) if matches!(status, 401 | 403) => {
-                let e = wtypes::PluginError {
-                    class: wtypes::ErrorClass::Auth,
-                    message: "the plugin did not report the upstream's refusal as an error".into(),
-                    status: Some(status),
-                    retry_after_ms: None,
-                };
-                Err(self.guest_error(ctx, "parse_response", e, Some(status)))
-            }
-            Ok(body) => Ok(body),
+            Ok(body) => match self.refused_credential(ctx, "parse_response", status) {
+                Some(e) => Err(e),
+                None => Ok(body),
+            },
         }
     }
 
@@ -433,6 +429,19 @@ pub(super) fn checked_outbound(
                 .collect(),
             body: resp.body,
         })),
+    }
+}
+
+/// A response in the WIT's shape, for a `parse-*` call.
+pub(super) fn wit_response(response: InboundResponse) -> wtypes::HttpResponse {
+    wtypes::HttpResponse {
+        status: response.status,
+        headers: response
+            .headers
+            .into_iter()
+            .map(|(name, value)| wtypes::Header { name, value })
+            .collect(),
+        body: response.body,
     }
 }
 

@@ -6,7 +6,7 @@
 use wasmtime::component::Instance;
 
 use super::bindings::task_provider::exports::tollgate::plugin::task_api as twit;
-use super::session::{checked_outbound, classify, guest_error, wit_ctx};
+use super::session::{checked_outbound, classify, wit_ctx, wit_response};
 use super::*;
 
 /// One file a finished job produced, where the upstream keeps it.
@@ -91,14 +91,7 @@ impl TaskSession {
             })
             .await?;
         match out {
-            Err(e) => Err(guest_error(
-                self.host(),
-                self.name(),
-                ctx,
-                "build_submit",
-                e,
-                None,
-            )),
+            Err(e) => Err(self.session.guest_error(ctx, "build_submit", e, None)),
             Ok(out) => checked_outbound(self.host(), self.name(), "build_submit", out),
         }
     }
@@ -122,14 +115,9 @@ impl TaskSession {
             })
             .await?;
         match out {
-            Err(e) => Err(guest_error(
-                self.host(),
-                self.name(),
-                ctx,
-                "parse_submit",
-                e,
-                Some(status),
-            )),
+            Err(e) => Err(self
+                .session
+                .guest_error(ctx, "parse_submit", e, Some(status))),
             Ok(sub) => {
                 let state = self.state(ctx, "parse_submit", status, sub.state)?;
                 if sub.job_id.is_empty() || sub.job_id.len() > 512 {
@@ -155,14 +143,7 @@ impl TaskSession {
             })
             .await?;
         match out {
-            Err(e) => Err(guest_error(
-                self.host(),
-                self.name(),
-                ctx,
-                "build_poll",
-                e,
-                None,
-            )),
+            Err(e) => Err(self.session.guest_error(ctx, "build_poll", e, None)),
             Ok(out) => checked_outbound(self.host(), self.name(), "build_poll", out),
         }
     }
@@ -185,14 +166,7 @@ impl TaskSession {
             })
             .await?;
         match out {
-            Err(e) => Err(guest_error(
-                self.host(),
-                self.name(),
-                ctx,
-                "parse_poll",
-                e,
-                Some(status),
-            )),
+            Err(e) => Err(self.session.guest_error(ctx, "parse_poll", e, Some(status))),
             Ok(state) => self.state(ctx, "parse_poll", status, state),
         }
     }
@@ -207,21 +181,8 @@ impl TaskSession {
         status: u16,
         state: twit::JobState,
     ) -> Result<JobState, PluginError> {
-        if matches!(status, 401 | 403) {
-            let e = wtypes::PluginError {
-                class: wtypes::ErrorClass::Auth,
-                message: "the plugin did not report the upstream's refusal as an error".into(),
-                status: Some(status),
-                retry_after_ms: None,
-            };
-            return Err(guest_error(
-                self.host(),
-                self.name(),
-                ctx,
-                call,
-                e,
-                Some(status),
-            ));
+        if let Some(e) = self.session.refused_credential(ctx, call, status) {
+            return Err(e);
         }
         Ok(match state {
             twit::JobState::Running(p) => JobState::Running(p.map(|p| p.min(100))),
@@ -244,32 +205,12 @@ impl TaskSession {
                 JobState::Succeeded(out)
             }
             twit::JobState::Failed(e) => {
-                JobState::Failed(guest_error(self.host(), self.name(), ctx, call, e, None))
+                JobState::Failed(self.session.guest_error(ctx, call, e, None))
             }
         })
     }
 
     fn bad_output(&self, call: &'static str, detail: &str) -> PluginError {
-        let err = PluginError::BadOutput {
-            plugin: self.name().to_string(),
-            call,
-            detail: detail.into(),
-        };
-        self.host()
-            .metrics
-            .plugin_failure(self.name(), call, err.reason());
-        err
-    }
-}
-
-fn wit_response(response: InboundResponse) -> wtypes::HttpResponse {
-    wtypes::HttpResponse {
-        status: response.status,
-        headers: response
-            .headers
-            .into_iter()
-            .map(|(name, value)| wtypes::Header { name, value })
-            .collect(),
-        body: response.body,
+        self.session.bad_output(call, detail)
     }
 }

@@ -45,7 +45,8 @@ pub fn fixture(path: &str) -> String {
 /// What the mock does for `/v1/chat/completions`, chosen per request by the `model` field.
 /// Models: `ok`, `stream` (or any with `"stream": true`), `fail500`, `hang`, `malformed`,
 /// `truncated`, `slow-stream` (one chunk, then waits for the client to go away), `slow-finish`
-/// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]: four seconds), `ratelimit`.
+/// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]), `slow-json` (the recorded
+/// answer after [`SLOW_JSON_PAUSE`]), `ratelimit`.
 #[derive(Default)]
 pub struct MockState {
     /// Model `flaky` of `/v1/chat/completions` fails (500) while set.
@@ -364,6 +365,16 @@ async fn mock_chat(
             );
             sse(Body::from(format!("{first}\n\n{big}\n\n{}", rest.join("\n\n"))))
         }
+        // The recorded answer, after a pause long enough to be in flight when a test acts.
+        "slow-json" => {
+            tokio::time::sleep(SLOW_JSON_PAUSE).await;
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                fixture("openai/chat.json"),
+            )
+                .into_response()
+        }
         "hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::OK.into_response()
@@ -431,6 +442,9 @@ async fn mock_chat(
 /// The pause between two events of the mock's `slow-finish` stream (below the test gateways'
 /// `upstream.stream_idle_timeout` of 2 s).
 pub const SLOW_FINISH_PAUSE: Duration = Duration::from_millis(800);
+
+/// How long the mock's `slow-json` model takes to answer.
+pub const SLOW_JSON_PAUSE: Duration = Duration::from_millis(1500);
 
 fn sse(body: Body) -> Response {
     Response::builder()

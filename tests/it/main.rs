@@ -22,6 +22,7 @@ mod openai_sdk;
 mod policy;
 mod pricing;
 mod sandbox;
+mod shutdown;
 mod speech;
 mod task_mocks;
 mod tasks;

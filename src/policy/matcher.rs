@@ -244,7 +244,8 @@ impl Compiled {
             words[text.len()].saturating_sub(inside)
         };
         // A negation or self-reference that is part of a term of its category ("never hire",
-        // "not human", "i'm a fag") belongs to that term: it negates nothing.
+        // "not human", "i'm a fag") belongs to that term: it negates nothing. A denied subject
+        // keeps its force over a group term inside it ("no gay person ...").
         if exceptions.iter().any(|x| x.1 != ExceptionKind::Phrase) {
             let terms: Vec<(usize, usize, usize)> = kw
                 .iter()
@@ -252,12 +253,14 @@ impl Compiled {
                 .chain(groups.iter().map(|(r, _, s, e)| (*r, *s, *e)))
                 .collect();
             exceptions.retain(|(c, kind, xs, xe)| {
-                matches!(kind, ExceptionKind::Phrase | ExceptionKind::Denouncing)
-                    || !terms.iter().any(|(r, s, e)| {
-                        self.categories.get(*c) == Some(&self.rules[*r].category)
-                            && s < xe
-                            && xs < e
-                    })
+                matches!(
+                    kind,
+                    ExceptionKind::Phrase
+                        | ExceptionKind::Denouncing
+                        | ExceptionKind::NegatedSubject
+                ) || !terms.iter().any(|(r, s, e)| {
+                    self.categories.get(*c) == Some(&self.rules[*r].category) && s < xe && xs < e
+                })
             });
         }
         // `keyword`: the hit is a keyword (a slur stays a slur after a negation).

@@ -327,6 +327,7 @@ fn denied_subjects_praise_and_rebukes_are_told_from_attacks() {
     let c = Compiled::load(&policies()).unwrap();
     for text in [
         "No refugee child deserves to be beaten.",
+        "No gay person deserves to be shot for who they are.",
         "Nobody deserves to die for who they love.",
         "Not a single one of them deserves to be shot.",
         "My cousin is one talented motherfucker on the drums.",

@@ -3,9 +3,10 @@
 //! A linear model per category over hashed features of the prompt (its words, pairs of
 //! adjacent words and the character n-grams of each word), trained offline from the labelled
 //! dev rows by `train/train.py` and embedded as `weights.bin`. It only adds a verdict: a
-//! category is blocked when its score reaches the threshold the training set for it (just
-//! above every benign training row's out-of-fold score), and the file holds only the
-//! categories whose threshold caught enough harmful rows to be worth it. Otherwise it allows.
+//! category is blocked when its score reaches the threshold the training set for it (above
+//! every benign training row's out-of-fold score, with a margin for how much the inner models
+//! disagree), and the file holds only the categories whose threshold still caught enough rows
+//! of the category to be worth it. Otherwise it allows.
 //!
 //! The features must be the ones `train/features.py` computes: the first `max_chars`
 //! characters of the original text, lower-cased; words are runs of alphanumeric characters;

@@ -25,6 +25,7 @@ const BUNDLED: &[&str] = &[
     "bfl",
     "gemini",
     "policy_secrets",
+    "policy_scorer",
 ];
 
 fn main() {
@@ -42,6 +43,7 @@ fn main() {
         "bfl",
         "gemini",
         "policy_secrets",
+        "policy_scorer",
         "testguests",
         "Cargo.toml",
         "Cargo.lock",

@@ -133,7 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { config, command } => {
             let cfg = tollgate::config::load(config.as_deref())?;
-            tollgate::policy::cli::run(command, &cfg.moderation.policies_dir)
+            tollgate::policy::cli::run(command, &cfg.moderation.policies_dir, &cfg.plugins)
         }
         Command::Accounts { config, command } => {
             let rt = runtime()?;

@@ -236,6 +236,43 @@ fn category_label<'a>(
     }
 }
 
+/// Add a policy plugin's verdict to the rules' verdict, as the gateway and `policy eval` do:
+/// the set has the last word on a category it names (an adult set may allow it; a shadowed
+/// category is only recorded). Returns the action the plugin's verdict took (`Allow`: nothing
+/// added).
+pub fn add_plugin_verdict(
+    verdict: &mut Verdict,
+    compiled: &crate::policy::Compiled,
+    set: &str,
+    plugin: &str,
+    pv: crate::plugins::PluginVerdict,
+) -> Action {
+    let action = match pv.action {
+        crate::plugins::PluginAction::Allow => return Action::Allow,
+        crate::plugins::PluginAction::Flag => Action::Flag,
+        crate::plugins::PluginAction::Block => Action::Block,
+    };
+    let action = match compiled.set_action(set, &pv.category) {
+        Some(Action::Allow) => return Action::Allow,
+        Some(Action::Shadow) => Action::Shadow,
+        _ => action,
+    };
+    let hit = crate::policy::Hit {
+        category: pv.category,
+        rule: format!("{plugin}:{}", pv.rule),
+        action,
+        start: 0,
+        end: 0,
+        matched: String::new(),
+    };
+    if action > verdict.action {
+        verdict.action = action;
+        verdict.decisive = Some(hit.clone());
+    }
+    verdict.hits.push(hit);
+    action
+}
+
 /// Who and what is being screened.
 #[derive(Debug, Clone, Copy)]
 pub struct ScreenRequest<'a> {
@@ -346,31 +383,9 @@ impl Moderator {
                         continue;
                     }
                 };
-                let action = match pv.action {
-                    crate::plugins::PluginAction::Allow => continue,
-                    crate::plugins::PluginAction::Flag => Action::Flag,
-                    crate::plugins::PluginAction::Block => Action::Block,
-                };
-                // The set has the last word on a category it names (an adult set may allow it).
-                let action = match compiled.set_action(set, &pv.category) {
-                    Some(Action::Allow) => continue,
-                    Some(Action::Shadow) => Action::Shadow,
-                    _ => action,
-                };
-                let hit = crate::policy::Hit {
-                    category: pv.category,
-                    rule: format!("{}:{}", plugin.name, pv.rule),
-                    action,
-                    start: 0,
-                    end: 0,
-                    matched: String::new(),
-                };
-                if action > verdict.action {
-                    verdict.action = action;
-                    verdict.decisive = Some(hit.clone());
-                }
-                verdict.hits.push(hit);
-                if action == Action::Block {
+                if add_plugin_verdict(&mut verdict, &compiled, set, &plugin.name, pv)
+                    == Action::Block
+                {
                     break;
                 }
             }
@@ -416,6 +431,48 @@ impl Moderator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plugin's verdict counts as the set says: allowed categories add nothing, shadowed ones
+    /// are recorded only, others block and name the plugin and its rule.
+    #[test]
+    fn a_plugin_verdict_is_added_as_the_set_says() {
+        use crate::plugins::{PluginAction, PluginVerdict};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let compiled = crate::policy::Compiled::load(&dir).expect("the bundled policies load");
+        let pv = |action, category: &str| PluginVerdict {
+            action,
+            category: category.into(),
+            rule: "scorer.x".into(),
+            reason: String::new(),
+        };
+        let add = |set: &str, v: PluginVerdict| {
+            let mut verdict = compiled.screen("an ordinary question about tides", set);
+            let added = add_plugin_verdict(&mut verdict, &compiled, set, "p", v);
+            (added, verdict)
+        };
+        let (added, v) = add("default", pv(PluginAction::Allow, "self_harm"));
+        assert_eq!(
+            (added, v.action, v.hits.len()),
+            (Action::Allow, Action::Allow, 0)
+        );
+        let (added, v) = add("adult", pv(PluginAction::Block, "sexual_explicit"));
+        assert_eq!(
+            (added, v.action, v.hits.len()),
+            (Action::Allow, Action::Allow, 0)
+        );
+        let (added, v) = add("observe", pv(PluginAction::Block, "self_harm"));
+        assert_eq!((added, v.action), (Action::Shadow, Action::Shadow));
+        let (added, v) = add("default", pv(PluginAction::Block, "sexual_explicit"));
+        assert_eq!((added, v.action), (Action::Block, Action::Block));
+        let d = v.decisive.expect("the plugin's hit decides");
+        assert_eq!(
+            (d.category.as_str(), d.rule.as_str()),
+            ("sexual_explicit", "p:scorer.x")
+        );
+        // A category no set names keeps the plugin's own action.
+        let (added, v) = add("default", pv(PluginAction::Flag, "secrets"));
+        assert_eq!((added, v.action), (Action::Flag, Action::Flag));
+    }
 
     fn event(prompt: Option<String>) -> ModerationEvent {
         ModerationEvent {

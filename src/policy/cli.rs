@@ -53,6 +53,16 @@ pub enum PolicyCommand {
         /// Score every row except this fold's, with the whole report.
         #[arg(long, value_name = "FOLD")]
         except_fold: Option<String>,
+        /// Run the policy plugins after the rules, as the gateway does (on a row the rules did
+        /// not block): the bundled ones, and those of the configured plugins folder.
+        #[arg(long)]
+        plugins: bool,
+        /// With --plugins: load the plugin files from this folder instead (a file overrides a
+        /// bundled plugin of its name). With --folds or --by-source, `{fold}` in it is replaced
+        /// by each row's fold: every fold is screened by plugins trained without it (see
+        /// `plugins/policy_scorer/train/heldout.sh`).
+        #[arg(long, value_name = "DIR", requires = "plugins")]
+        plugin_dir: Option<String>,
     },
 }
 
@@ -69,7 +79,11 @@ fn say(line: &str) {
     }
 }
 
-pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
+pub fn run(
+    cmd: PolicyCommand,
+    default_dir: &Path,
+    plugins_cfg: &crate::config::PluginsConfig,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Test { dir } => {
             let dir = dir.unwrap_or_else(|| default_dir.to_path_buf());
@@ -124,6 +138,8 @@ pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
             by_source,
             only_fold,
             except_fold,
+            plugins,
+            plugin_dir,
         } => {
             let split = match (folds, by_source) {
                 (Some(k), _) => Some(Split::Folds(k)),
@@ -145,8 +161,17 @@ pub fn run(cmd: PolicyCommand, default_dir: &Path) -> anyhow::Result<ExitCode> {
             }
             let c = load(dir.as_deref().unwrap_or(default_dir))?;
             let set = set.unwrap_or_else(|| c.default_set.clone());
+            if plugin_dir.as_deref().is_some_and(|d| d.contains("{fold}")) && split.is_none() {
+                anyhow::bail!("{{fold}} in --plugin-dir needs --folds K or --by-source");
+            }
+            let stage = plugins.then(|| PluginStages {
+                cfg: plugins_cfg.clone(),
+                dir: plugin_dir,
+                loaded: Default::default(),
+            });
             eval(
                 &c,
+                stage.as_ref(),
                 &EvalArgs {
                     file: &file,
                     set: &set,
@@ -500,6 +525,86 @@ fn print_folds(parts: &[(String, Tally)], split: Split, set: &str) {
     }
 }
 
+/// The plugin stages of `policy eval --plugins`: one, or one per fold when the folder names
+/// `{fold}`, each loaded when its first row comes.
+struct PluginStages {
+    cfg: crate::config::PluginsConfig,
+    dir: Option<String>,
+    loaded: std::cell::RefCell<std::collections::BTreeMap<String, std::rc::Rc<PluginStage>>>,
+}
+
+impl PluginStages {
+    fn for_fold(&self, fold: Option<&str>) -> anyhow::Result<std::rc::Rc<PluginStage>> {
+        let dir = self
+            .dir
+            .as_ref()
+            .map(|d| d.replace("{fold}", fold.unwrap_or_default()));
+        let key = dir.clone().unwrap_or_default();
+        if let Some(s) = self.loaded.borrow().get(&key) {
+            return Ok(s.clone());
+        }
+        let mut cfg = self.cfg.clone();
+        if let Some(d) = dir {
+            cfg.dir = PathBuf::from(d);
+        }
+        let stage = std::rc::Rc::new(PluginStage::new(&cfg)?);
+        self.loaded.borrow_mut().insert(key, stage.clone());
+        Ok(stage)
+    }
+}
+
+/// The policy plugins `policy eval --plugins` runs after the rules, with a runtime to drive
+/// their calls.
+struct PluginStage {
+    registry: std::sync::Arc<crate::plugins::Registry>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl PluginStage {
+    fn new(cfg: &crate::config::PluginsConfig) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let registry = crate::plugins::Registry::new(cfg, metrics)?;
+        let names: Vec<String> = registry
+            .policies()
+            .iter()
+            .map(|p| format!("{} ({:?})", p.name, p.origin))
+            .collect();
+        eprintln!("policy plugins: {}", names.join(", "));
+        Ok(Self { registry, rt })
+    }
+
+    /// Add the plugins' verdicts to a verdict the rules did not block, as the gateway does
+    /// (`moderation::add_plugin_verdict`); a plugin that fails is reported and skipped.
+    fn screen(&self, c: &Compiled, v: &mut super::Verdict, text: &str, set: &str) {
+        if v.action == Action::Block {
+            return;
+        }
+        for plugin in self.registry.policies() {
+            let normalized = v.normalized.clone();
+            let input = crate::plugins::PolicyInput {
+                normalized: &normalized,
+                original: text,
+                model: "",
+                route: "policy-eval",
+                policy_set: set,
+            };
+            match self.rt.block_on(plugin.screen(&input)) {
+                Ok(pv) => {
+                    if crate::moderation::add_plugin_verdict(v, c, set, &plugin.name, pv)
+                        == Action::Block
+                    {
+                        return;
+                    }
+                }
+                Err(e) => eprintln!("policy plugin {} failed: {e}", plugin.name),
+            }
+        }
+    }
+}
+
 /// What `policy eval` was asked for, after its flags are checked.
 struct EvalArgs<'a> {
     file: &'a Path,
@@ -510,7 +615,7 @@ struct EvalArgs<'a> {
     filter: Filter,
 }
 
-fn eval(c: &Compiled, a: &EvalArgs<'_>) -> anyhow::Result<()> {
+fn eval(c: &Compiled, stages: Option<&PluginStages>, a: &EvalArgs<'_>) -> anyhow::Result<()> {
     use std::io::Write;
     let f = std::fs::File::open(a.file)?;
     let mut misses = match a.misses {
@@ -521,6 +626,7 @@ fn eval(c: &Compiled, a: &EvalArgs<'_>) -> anyhow::Result<()> {
     let mut parts: std::collections::BTreeMap<String, Tally> = Default::default();
     let mut bytes = 0usize;
     let mut elapsed = std::time::Duration::ZERO;
+    let (mut plugin_time, mut plugin_rows) = (std::time::Duration::ZERO, 0u64);
     for line in std::io::BufReader::new(f).lines() {
         let line = line?;
         if line.trim().is_empty() {
@@ -547,9 +653,18 @@ fn eval(c: &Compiled, a: &EvalArgs<'_>) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         let t = std::time::Instant::now();
-        let v = c.screen(text, a.set);
+        let mut v = c.screen(text, a.set);
         elapsed += t.elapsed();
         bytes += text.len();
+        if let Some(stages) = stages
+            && v.action != Action::Block
+        {
+            let stage = stages.for_fold(fold.as_deref())?;
+            let t = std::time::Instant::now();
+            stage.screen(c, &mut v, text, a.set);
+            plugin_time += t.elapsed();
+            plugin_rows += 1;
+        }
         let blocked = v.action == Action::Block;
         let cats: std::collections::BTreeSet<String> = v
             .hits
@@ -595,6 +710,12 @@ fn eval(c: &Compiled, a: &EvalArgs<'_>) -> anyhow::Result<()> {
         bytes as f64 / secs / 1e6,
         whole.rows as f64 / secs
     ));
+    if stages.is_some() {
+        say(&format!(
+            "policy plugins: {plugin_rows} prompts the rules passed, {:.1} µs each (every plugin, a fresh instance per call)",
+            plugin_time.as_secs_f64() * 1e6 / plugin_rows.max(1) as f64
+        ));
+    }
     Ok(())
 }
 

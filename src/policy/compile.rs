@@ -50,6 +50,10 @@ pub(super) enum ExceptionKind {
     SelfReference,
     /// Denouncing phrases: a hit a few words before it.
     Denouncing,
+    /// A denied subject: a pattern or co-occurrence hit starting within three words after it.
+    NegatedSubject,
+    /// Praise: a hit starting right after it (at most one word between).
+    Praise,
 }
 
 #[derive(Debug)]
@@ -254,6 +258,8 @@ impl Compiled {
                 (&file.negations, ExceptionKind::Negation),
                 (&file.self_reference, ExceptionKind::SelfReference),
                 (&file.denouncing, ExceptionKind::Denouncing),
+                (&file.negated_subjects, ExceptionKind::NegatedSubject),
+                (&file.praise, ExceptionKind::Praise),
             ];
             for (list, kind) in kinds {
                 for e in list {

@@ -37,6 +37,18 @@ pub(super) struct CategoryFile {
     /// (unless the phrase is part of a term itself).
     #[serde(default)]
     pub self_reference: Vec<String>,
+    /// Words that deny a whole subject ("nobody", "not a single", "no child"): a pattern or
+    /// co-occurrence hit starting within three words after one, with no comma or clause end
+    /// between, is the
+    /// predicate of a denied subject ("no <group> deserves to ..."), not asserted. Keywords
+    /// are still hits.
+    #[serde(default)]
+    pub negated_subjects: Vec<String>,
+    /// Words of praise ("talented", "brilliant"): a hit right after one (at most one word
+    /// between), in the same clause, is profanity used as a compliment ("a talented
+    /// motherfucker"), not abuse.
+    #[serde(default)]
+    pub praise: Vec<String>,
     /// Phrases that denounce what came before them in the same sentence ("... has to stop",
     /// "... is a slur"): a hit up to twelve words before one is quoted or reported, not used.
     #[serde(default)]

@@ -20,6 +20,11 @@ const NEGATION_REACH: u32 = 2;
 const SELF_REFERENCE_REACH: u32 = 2;
 /// How many words before a denouncing phrase it covers (within its sentence).
 const DENOUNCING_REACH: u32 = 12;
+/// How many words after a denied subject's first word it covers ("no gay person deserves
+/// ...": the subject's noun phrase, then the predicate).
+const NEGATED_SUBJECT_REACH: u32 = 4;
+/// How many words after a word of praise it covers ("a talented little ...").
+const PRAISE_REACH: u32 = 2;
 
 /// A joined stretch of spaced letters this long is words run together: terms match inside it
 /// without word boundaries.
@@ -29,6 +34,12 @@ const RUN_TOGETHER: usize = 7;
 /// of: how to ..." does not cover the request after the colon).
 fn ends_clause(b: u8) -> bool {
     matches!(b, b'.' | b':' | b';' | b'?' | b'!' | b'\n')
+}
+
+/// A character that ends a clause or sets a phrase apart: a denied subject ("no one", "not a
+/// single ...") reaches no predicate after a comma ("no mercy, they deserve ...").
+fn ends_phrase(b: u8) -> bool {
+    ends_clause(b) || b == b','
 }
 
 /// A character that ends a sentence.
@@ -233,7 +244,8 @@ impl Compiled {
             words[text.len()].saturating_sub(inside)
         };
         // A negation or self-reference that is part of a term of its category ("never hire",
-        // "not human", "i'm a fag") belongs to that term: it negates nothing.
+        // "not human", "i'm a fag") belongs to that term: it negates nothing. A denied subject
+        // keeps its force over a group term inside it ("no gay person ...").
         if exceptions.iter().any(|x| x.1 != ExceptionKind::Phrase) {
             let terms: Vec<(usize, usize, usize)> = kw
                 .iter()
@@ -241,12 +253,14 @@ impl Compiled {
                 .chain(groups.iter().map(|(r, _, s, e)| (*r, *s, *e)))
                 .collect();
             exceptions.retain(|(c, kind, xs, xe)| {
-                matches!(kind, ExceptionKind::Phrase | ExceptionKind::Denouncing)
-                    || !terms.iter().any(|(r, s, e)| {
-                        self.categories.get(*c) == Some(&self.rules[*r].category)
-                            && s < xe
-                            && xs < e
-                    })
+                matches!(
+                    kind,
+                    ExceptionKind::Phrase
+                        | ExceptionKind::Denouncing
+                        | ExceptionKind::NegatedSubject
+                ) || !terms.iter().any(|(r, s, e)| {
+                    self.categories.get(*c) == Some(&self.rules[*r].category) && s < xe && xs < e
+                })
             });
         }
         // `keyword`: the hit is a keyword (a slur stays a slur after a negation).
@@ -281,6 +295,12 @@ impl Compiled {
                         }
                         ExceptionKind::Denouncing => {
                             e <= *xs && near(e, *xs, DENOUNCING_REACH, ends_sentence)
+                        }
+                        ExceptionKind::NegatedSubject => {
+                            !keyword && *xe <= s && near(*xe, s, NEGATED_SUBJECT_REACH, ends_phrase)
+                        }
+                        ExceptionKind::Praise => {
+                            *xe <= s && near(*xe, s, PRAISE_REACH, ends_clause)
                         }
                     }
             })

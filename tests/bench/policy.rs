@@ -1,4 +1,6 @@
-//! Criterion benchmark of screening: every category loaded, a realistic 2 KB benign prompt.
+//! Criterion benchmark of screening: every category loaded, a realistic 2 KB benign prompt;
+//! and the second stage, the bundled `policy_scorer` plugin, on the same prompt (a fresh
+//! sandboxed instance per call, as in the gateway).
 //! Run: `cargo bench --bench policy`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -35,5 +37,45 @@ fn screening(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, screening);
+fn scorer_plugin(c: &mut Criterion) {
+    let cfg = tollgate::config::load(None).unwrap();
+    let mut pcfg = cfg.plugins.clone();
+    pcfg.dir = std::env::temp_dir().join("tollgate-bench-no-plugins");
+    let metrics = std::sync::Arc::new(tollgate::metrics::Metrics::new());
+    let registry = tollgate::plugins::Registry::new(&pcfg, metrics).unwrap();
+    let scorer = registry
+        .policies()
+        .into_iter()
+        .find(|p| p.name == "policy_scorer")
+        .expect("policy_scorer is bundled");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = prompt_2kb();
+    let input = tollgate::plugins::PolicyInput {
+        normalized: &text,
+        original: &text,
+        model: "bench",
+        route: "chat",
+        policy_set: "default",
+    };
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Bytes(text.len() as u64));
+    g.bench_function("scorer_plugin_2kb_benign", |b| {
+        b.iter(|| rt.block_on(scorer.screen(&input)).unwrap())
+    });
+    let short = "What is a good name for a bakery that sells sourdough and coffee?";
+    let input = tollgate::plugins::PolicyInput {
+        original: short,
+        normalized: short,
+        ..input
+    };
+    g.bench_function("scorer_plugin_short_benign", |b| {
+        b.iter(|| rt.block_on(scorer.screen(&input)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, screening, scorer_plugin);
 criterion_main!(benches);

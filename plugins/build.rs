@@ -25,7 +25,6 @@ const BUNDLED: &[&str] = &[
     "bfl",
     "gemini",
     "policy_secrets",
-    "policy_scorer",
 ];
 
 fn main() {

@@ -1,5 +1,5 @@
 //! Criterion benchmark of screening: every category loaded, a realistic 2 KB benign prompt;
-//! and the second stage, the bundled `policy_scorer` plugin, on the same prompt (a fresh
+//! and the second stage, the `policy_scorer` plugin (built, not bundled), on the same prompt (a fresh
 //! sandboxed instance per call, as in the gateway).
 //! Run: `cargo bench --bench policy`.
 
@@ -40,14 +40,22 @@ fn screening(c: &mut Criterion) {
 fn scorer_plugin(c: &mut Criterion) {
     let cfg = tollgate::config::load(None).unwrap();
     let mut pcfg = cfg.plugins.clone();
-    pcfg.dir = std::env::temp_dir().join("tollgate-bench-no-plugins");
+    // The scorer is not bundled (an operator drops it in): load the built component from a
+    // plugins folder of its own.
+    pcfg.dir = std::env::temp_dir().join("tollgate-bench-scorer");
+    std::fs::create_dir_all(&pcfg.dir).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("TOLLGATE_PLUGIN_ARTIFACTS")).join("policy_scorer.wasm"),
+        pcfg.dir.join("policy_scorer.wasm"),
+    )
+    .unwrap();
     let metrics = std::sync::Arc::new(tollgate::metrics::Metrics::new());
     let registry = tollgate::plugins::Registry::new(&pcfg, metrics).unwrap();
     let scorer = registry
         .policies()
         .into_iter()
         .find(|p| p.name == "policy_scorer")
-        .expect("policy_scorer is bundled");
+        .expect("policy_scorer is loaded from the folder");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

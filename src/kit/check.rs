@@ -243,11 +243,6 @@ fn manifest_checks(report: &mut Report, m: &Manifest, has_tasks: bool) {
         for k in &model.kinds {
             if !MODEL_KINDS.contains(&k.as_str()) {
                 problems.push(format!("`{}` has the unknown kind `{k}`", model.id));
-            } else if !m.kinds.contains(k) && !has_tasks {
-                problems.push(format!(
-                    "`{}` is a {k} model, but the plugin neither declares {k} nor has a task API",
-                    model.id
-                ));
             }
         }
     }
@@ -398,10 +393,23 @@ fn response(status: u16, content_type: &str, body: &[u8]) -> InboundResponse {
 fn describe(e: &PluginError) -> String {
     match e {
         PluginError::Guest { class, message, .. } => {
-            format!("a {} error ({})", class_name(*class), redact(message))
+            let name = class_name(*class);
+            let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            format!("{article} {name} error ({})", redact(message))
         }
         PluginError::Trap { call, detail, .. } => {
-            format!("a trap in {call} ({})", first_line(detail))
+            let cause = root_cause(detail);
+            if cause.contains("unknown import") && cause.contains("wasi:") {
+                format!(
+                    "a trap in {call}: it called WASI ({cause}), which the sandbox does not have (a panic, `std::env`, files, clocks and `HashMap::new` all do)"
+                )
+            } else {
+                format!("a trap in {call} ({cause})")
+            }
         }
         PluginError::Timeout { call, .. } => format!("ran out of CPU time in {call}"),
         PluginError::OutOfMemory { call, .. } => format!("ran out of memory in {call}"),
@@ -412,8 +420,20 @@ fn describe(e: &PluginError) -> String {
     }
 }
 
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or(text)
+/// The innermost cause of a wasmtime error chain (`{:#}` or `{:?}` text): what trapped, not where.
+fn root_cause(text: &str) -> &str {
+    let cause = text.rsplit("Caused by:").next().unwrap_or(text);
+    cause
+        .lines()
+        .map(|l| {
+            l.trim()
+                .trim_start_matches(|c: char| c.is_ascii_digit() || c == ':')
+                .trim()
+        })
+        .rfind(|l| !l.is_empty() && !l.contains("backtrace"))
+        // `0x1ec5 - <unknown>!<wasm function 37>: what happened`
+        .map(|l| l.split_once(">: ").map_or(l, |(_, what)| what))
+        .unwrap_or("no detail")
 }
 
 fn class_name(c: GuestErrorClass) -> &'static str {
@@ -519,13 +539,15 @@ async fn kind_checks(report: &mut Report, plugin: &Plugin, kind: &str, sample: O
         Err(e) => return report.add(name, Outcome::Fail, describe(&e)),
     };
     let built = session.build_request(&ctx, kind, &body.to_string()).await;
+    // A failed build still leaves the answer's checks to run: they do not depend on it.
     let offline = match built {
         Err(e) => {
-            return report.add(
+            report.add(
                 name,
                 Outcome::Fail,
                 format!("a plain {kind} request was refused: {}", describe(&e)),
             );
+            None
         }
         Ok(Outbound::Send(req)) => {
             let vetted = vet_request(m, &req).and_then(|line| {
@@ -940,6 +962,9 @@ async fn stream_checks(report: &mut Report, plugin: &Plugin, sample: Option<Vec<
                     "{} chunk(s) are not JSON objects",
                     got.not_objects
                 )),
+                (None, 0, true) => Ok(
+                    "ended at `[DONE]` without a chunk (its upstream speaks another format): `--samples DIR` with chat.sse checks a real stream".into(),
+                ),
                 (None, _, true) => Ok(format!("{} chunk(s), ended at `[DONE]`", got.chunks)),
                 (None, 0, false) => Ok(
                     "reads nothing of it (its upstream speaks another format): `--samples DIR` with chat.sse checks a real stream".into(),

@@ -12,6 +12,7 @@ pub mod background;
 pub mod billing;
 pub mod config;
 pub mod error;
+pub mod kit;
 pub mod limits;
 pub mod metrics;
 pub mod moderation;

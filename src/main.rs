@@ -1,5 +1,6 @@
 //! The `tollgate` command: parses arguments, loads config, and hands over to the library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -89,8 +90,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Load a component and print its manifest, without serving it.
-    Check { file: PathBuf },
+    /// Load a component, print its manifest and run its conformance checks (nothing is sent
+    /// anywhere); exits non-zero if a check fails.
+    Check {
+        file: PathBuf,
+        /// A folder of the upstream's recorded answers (`chat.json`, `chat.sse`, `<kind>.json`):
+        /// they must translate.
+        #[arg(long)]
+        samples: Option<PathBuf>,
+    },
+    /// Write a new plugin crate: a provider for an OpenAI-like upstream with its tests.
+    New {
+        /// The plugin's name: lowercase letters, digits and `_` (also the crate and `NAME.wasm`).
+        name: String,
+        /// The folder to create the crate `NAME` in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The plugin SDK (`plugins/sdk` of a tollgate checkout); found above DIR or the working
+        /// directory if not given.
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -157,26 +177,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugin { command } => match command {
-            PluginCommand::Check { file } => {
+            PluginCommand::Check { file, samples } => {
                 let cfg = tollgate::config::load(None)?;
-                let metrics = std::sync::Arc::new(tollgate::metrics::Metrics::new());
-                let mut pcfg = cfg.plugins.clone();
-                pcfg.dir = PathBuf::from("/nonexistent-tollgate-plugin-dir");
-                pcfg.bundled = false;
-                let registry = tollgate::plugins::Registry::new(&pcfg, metrics)?;
-                let plugin = registry.load_detached(&file)?;
-                let m = &plugin.manifest;
+                let (manifest, report) =
+                    tollgate::kit::check_file(&cfg.plugins, &file, samples.as_deref())?;
+                let mut out = std::io::stdout().lock();
+                write!(out, "{}", tollgate::kit::render_manifest(&manifest))?;
+                write!(out, "\n{}", report.render())?;
+                Ok(if report.passed() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            PluginCommand::New { name, dir, sdk } => {
+                let made = tollgate::kit::new::create(&name, &dir, sdk.as_deref())?;
                 eprintln!(
-                    "{} {}\n  kinds: {}\n  auth: {:?}\n  config keys: {}\n  models:",
-                    m.name,
-                    m.version,
-                    m.kinds.join(", "),
-                    m.auth,
-                    m.config_keys.join(", ")
+                    "created the plugin crate `{name}` in {} (SDK: {})\n\n  cd {}\n  cargo test\n  cargo build --release --target wasm32-wasip2\n  tollgate plugin check target/wasm32-wasip2/release/{name}.wasm --samples samples",
+                    made.dir.display(),
+                    made.sdk,
+                    made.dir.display()
                 );
-                for model in &m.models {
-                    eprintln!("    - {} ({})", model.id, model.kinds.join(", "));
-                }
                 Ok(ExitCode::SUCCESS)
             }
         },

@@ -20,7 +20,7 @@ pub const ROUTE: &str = "/v1/chat/completions";
 const MAX_CHOICES: u64 = 128;
 
 /// The answer must be a chat completion.
-const COMPLETION: Expect = Expect {
+pub const COMPLETION: Expect = Expect {
     what: "a chat.completion object",
     check: |v| v.get("choices").is_some_and(Value::is_array),
 };

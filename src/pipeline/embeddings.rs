@@ -19,7 +19,7 @@ pub const ROUTE: &str = "/v1/embeddings";
 const MAX_INPUTS: usize = 2048;
 
 /// The answer must be a list of embeddings.
-const EMBEDDINGS: Expect = Expect {
+pub const EMBEDDINGS: Expect = Expect {
     what: "a list of embeddings",
     check: |v| v.get("data").is_some_and(Value::is_array),
 };

@@ -21,7 +21,7 @@ const MAX_IMAGES: u64 = 10;
 const MAX_PROMPT_CHARS: usize = 32_000;
 
 /// The answer must be a list of images.
-const IMAGES: Expect = Expect {
+pub const IMAGES: Expect = Expect {
     what: "an images response with `data`",
     check: |v| v.get("data").is_some_and(Value::is_array),
 };

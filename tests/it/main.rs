@@ -19,6 +19,7 @@ mod hot_reload;
 mod images;
 mod limits;
 mod openai_sdk;
+mod plugin_kit;
 mod policy;
 mod pricing;
 mod sandbox;

@@ -59,6 +59,7 @@ pub mod tasks {
 }
 
 pub mod openai;
+pub mod sse;
 pub mod task;
 
 pub use policy::export_policy;
@@ -75,6 +76,7 @@ pub use provider::tollgate::plugin::types::{
     ModelPrice, Outbound, PluginError, SseEvent, StreamOutput,
 };
 pub use serde_json;
+pub use sse::event_json;
 pub use task::{
     bad_job_id, base64_encode, data_url, is_plain_id, job_failed, job_running, job_succeeded,
     output_urls,

@@ -57,7 +57,7 @@ fn hello(model: &str, stream: bool) -> Value {
 }
 
 /// A stream's named events: (event, data).
-fn events(body: &str) -> Vec<(String, Value)> {
+pub(crate) fn events(body: &str) -> Vec<(String, Value)> {
     body.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {

@@ -343,6 +343,8 @@ pub enum ErrorShape {
     OpenAi,
     /// The task API's `{"code", "message", "data": null, "error_code"}`.
     Task,
+    /// Anthropic's `{"type": "error", "error": {"type", "message"}}` (`POST /v1/messages`).
+    Anthropic,
 }
 
 impl ApiError {
@@ -361,11 +363,41 @@ impl ApiError {
         body
     }
 
+    /// Anthropic's `error.type` for the status: the documented types (`invalid_request_error`
+    /// for any other 4xx, `api_error` for any other 5xx).
+    fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            504 => "timeout_error",
+            s if (400..500).contains(&s) => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The body in Anthropic's error shape (also a stream's `error` event), the same message as
+    /// in OpenAI's body.
+    pub fn anthropic_body(&self) -> serde_json::Value {
+        json!({
+            "type": "error",
+            "error": {
+                "type": self.anthropic_type(),
+                "message": self.public_message(),
+            }
+        })
+    }
+
     /// The response in the given shape, with `Retry-After` and rate-limit headers.
     pub fn respond(self, shape: ErrorShape) -> Response {
         let body = match shape {
             ErrorShape::OpenAi => self.openai_body(),
             ErrorShape::Task => self.task_body(),
+            ErrorShape::Anthropic => self.anthropic_body(),
         };
         self.response_with(body.to_string())
     }

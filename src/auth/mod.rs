@@ -1,5 +1,5 @@
-//! API keys and the caller behind a request: `Authorization: Bearer <key>` → hashed lookup
-//! (cached) → [`Caller`].
+//! API keys and the caller behind a request: `Authorization: Bearer <key>` (or `x-api-key`, as
+//! Anthropic's SDKs send it) → hashed lookup (cached) → [`Caller`].
 //!
 //! Key format: `tg_` + 8-character lookup id + 32-character secret (base62, ~190 bits) +
 //! 6-character base62 CRC32 of everything before it. The checksum lets a secret scanner (or
@@ -24,7 +24,9 @@ const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrst
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("You didn't provide an API key. Send `Authorization: Bearer <key>`.")]
+    #[error(
+        "You didn't provide an API key. Send `Authorization: Bearer <key>` (or `x-api-key: <key>`)."
+    )]
     Missing,
     #[error("Incorrect API key provided: it is not a tollgate key (wrong format or checksum).")]
     Malformed,

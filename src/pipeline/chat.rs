@@ -132,7 +132,7 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
 }
 
 /// Tokens of a completion that came without usage: about four bytes a token.
-fn counted_completion_tokens(v: &Value) -> u64 {
+pub(super) fn counted_completion_tokens(v: &Value) -> u64 {
     let chars: usize = v
         .get("choices")
         .and_then(Value::as_array)

@@ -22,6 +22,7 @@ pub mod dispatch;
 pub mod embeddings;
 pub mod images;
 pub mod media;
+pub mod messages;
 pub mod models;
 pub mod money;
 pub mod relay;

@@ -4,6 +4,9 @@
 //! done, with the cost put into the usage chunk; an error mid-stream becomes OpenAI's error body
 //! as one event, ends the stream and charges nothing (the reservation is released). A client
 //! that goes away drops the relay, its session and the upstream connection.
+//!
+//! What reaches the client is the [`Wire`]'s: OpenAI's chunks as the plugin wrote them
+//! ([`OpenAiWire`]), or another API's events made from them (`messages::Events`, Anthropic's).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -12,7 +15,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde_json::{Map, Value};
 
-use crate::billing::Usage;
+use crate::billing::{Credits, Usage};
 use crate::error::ApiError;
 use crate::plugins::{InboundResponse, PluginError, Session};
 use crate::routing::Route;
@@ -39,7 +42,57 @@ pub fn offline_events(route: &Route, resp: InboundResponse) -> EventStream {
     Box::pin(futures::stream::iter(events))
 }
 
-struct Relay {
+/// How a relayed stream is written for the client. The relay reads, checks, bills and archives;
+/// the wire only shapes frames.
+pub trait Wire: Send + 'static {
+    /// One chunk of the unified stream (a `chat.completion.chunk`): its text and its object.
+    fn chunk(&mut self, text: &str, chunk: &Map<String, Value>, out: &mut VecDeque<Bytes>);
+    /// The stream is done and settled: the usage chunk the upstream sent (held back until now,
+    /// if there was one), the usage charged, and its cost (`None`: unbilled).
+    fn done(
+        &mut self,
+        usage_chunk: Option<Map<String, Value>>,
+        usage: &Usage,
+        cost: Option<Credits>,
+        out: &mut VecDeque<Bytes>,
+    );
+    /// The stream failed: its last frame.
+    fn error(&mut self, err: &ApiError, out: &mut VecDeque<Bytes>);
+}
+
+/// OpenAI's stream: the chunks as they are, the usage chunk with the cost, then `data: [DONE]`;
+/// an error as OpenAI's error body in one `data:` event.
+pub struct OpenAiWire;
+
+impl Wire for OpenAiWire {
+    fn chunk(&mut self, text: &str, _: &Map<String, Value>, out: &mut VecDeque<Bytes>) {
+        out.push_back(data_frame(text));
+    }
+
+    fn done(
+        &mut self,
+        usage_chunk: Option<Map<String, Value>>,
+        _: &Usage,
+        cost: Option<Credits>,
+        out: &mut VecDeque<Bytes>,
+    ) {
+        if let Some(chunk) = usage_chunk {
+            let mut v = Value::Object(chunk);
+            if let Some(c) = cost {
+                add_cost(&mut v, c);
+            }
+            out.push_back(data_frame(&v.to_string()));
+        }
+        out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
+
+    fn error(&mut self, err: &ApiError, out: &mut VecDeque<Bytes>) {
+        out.push_back(data_frame(&err.openai_body().to_string()));
+    }
+}
+
+struct Relay<W> {
+    wire: W,
     session: Session,
     route: Route,
     events: EventStream,
@@ -60,7 +113,7 @@ struct Relay {
     content_chars: u64,
 }
 
-/// Relay a dispatched stream to the client (see the module's doc).
+/// Relay a dispatched stream to the client in OpenAI's shape (see the module's doc).
 pub fn relay(
     session: Session,
     route: Route,
@@ -68,7 +121,20 @@ pub fn relay(
     bill: Bill,
     media: Option<(crate::tasks::Archive, String)>,
 ) -> FrameStream {
+    relay_as(session, route, events, bill, media, OpenAiWire)
+}
+
+/// Relay a dispatched stream to the client in the shape `wire` writes.
+pub fn relay_as<W: Wire>(
+    session: Session,
+    route: Route,
+    events: EventStream,
+    bill: Bill,
+    media: Option<(crate::tasks::Archive, String)>,
+    wire: W,
+) -> FrameStream {
     let relay = Relay {
+        wire,
         media,
         image_chunks: 0,
         images: 0,
@@ -105,7 +171,7 @@ pub fn relay(
     }))
 }
 
-impl Relay {
+impl<W: Wire> Relay<W> {
     /// One upstream event through the plugin: its chunks queued, the usage chunk held back.
     async fn event(&mut self, ev: sse::Event) {
         let ctx = self.route.context();
@@ -146,12 +212,14 @@ impl Relay {
                         Ok(n) => {
                             self.image_chunks += 1;
                             self.images += n;
-                            self.queue.push_back(data_frame(&v.to_string()));
+                            if let Value::Object(obj) = &v {
+                                self.wire.chunk(&v.to_string(), obj, &mut self.queue);
+                            }
                         }
                         Err(e) => return self.fail(&e),
                     }
                 }
-                _ => self.queue.push_back(data_frame(&chunk)),
+                _ => self.wire.chunk(&chunk, &obj, &mut self.queue),
             }
         }
         if out.done && !self.finished {
@@ -160,7 +228,8 @@ impl Relay {
     }
 
     fn fail(&mut self, err: &ApiError) {
-        self.queue.push_back(error_frame(err));
+        tracing::warn!(kind = err.kind(), error = %err, "stream failed");
+        self.wire.error(err, &mut self.queue);
         self.finished = true;
         // Dropping the bill releases the reservation.
         self.bill = None;
@@ -180,18 +249,12 @@ impl Relay {
         usage.images = self.images;
         match bill.settle(usage).await {
             Ok(cost) => {
-                if let Some(chunk) = self.usage_chunk.take() {
-                    let mut v = Value::Object(chunk);
-                    if let Some(c) = cost {
-                        add_cost(&mut v, c);
-                    }
-                    self.queue.push_back(data_frame(&v.to_string()));
-                }
-                self.queue
-                    .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                let chunk = self.usage_chunk.take();
+                self.wire.done(chunk, &usage, cost, &mut self.queue);
             }
             Err(e) => {
-                self.queue.push_back(error_frame(&e));
+                tracing::warn!(kind = e.kind(), error = %e, "stream failed");
+                self.wire.error(&e, &mut self.queue);
             }
         }
     }
@@ -217,10 +280,4 @@ fn data_frame(json: &str) -> Bytes {
     s.push_str(json);
     s.push_str("\n\n");
     Bytes::from(s)
-}
-
-/// An error after the stream started: OpenAI's error body as one event, then the stream ends.
-fn error_frame(err: &ApiError) -> Bytes {
-    tracing::warn!(kind = err.kind(), error = %err, "stream failed");
-    data_frame(&err.openai_body().to_string())
 }

@@ -22,7 +22,7 @@ use crate::app::SharedState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorLogged, RequestError};
 use crate::pipeline::{
-    self, FrameStream, Reply, Route, Served, chat, embeddings, images, models, speech,
+    self, FrameStream, Reply, Route, Served, chat, embeddings, images, messages, models, speech,
 };
 use listen::BodyPermit;
 
@@ -54,6 +54,10 @@ pub fn public_routes() -> Router<SharedState> {
         )
         .route(images::ROUTE, post(pipeline_handler::<images::Images>))
         .route(speech::ROUTE, post(pipeline_handler::<speech::Speech>))
+        .route(
+            messages::ROUTE,
+            post(pipeline_handler::<messages::Messages>),
+        )
         .route(
             pipeline::tasks::ROUTE,
             post(pipeline_handler::<pipeline::tasks::Tasks>),
@@ -149,13 +153,31 @@ pub fn bearer_credential(value: &str) -> Option<&str> {
         .then(|| credential.trim_start())
 }
 
-/// The caller, if the request carries `Authorization`; `None` for an anonymous request.
+/// The header Anthropic's SDKs send the key in.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// The caller, if the request carries a key: `Authorization: Bearer <key>`, else `x-api-key:
+/// <key>` (Anthropic's SDKs); `None` for an anonymous request.
 async fn caller_of(st: &SharedState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
+    let key = if let Some(value) = headers.get(header::AUTHORIZATION) {
+        value.to_str().ok().and_then(bearer_credential)
+    } else if let Some(value) = headers.get(API_KEY_HEADER) {
+        value.to_str().ok()
+    } else {
         return Ok(None);
     };
-    let bearer = value.to_str().ok().and_then(bearer_credential);
-    Ok(Some(st.auth.authenticate(bearer).await?))
+    Ok(Some(st.auth.authenticate(key).await?))
+}
+
+/// Anthropic's SDKs read the request id from `request-id`: routes in Anthropic's shape get it
+/// beside `x-request-id`.
+fn with_request_id<R: Route>(mut resp: Response, request_id: &str) -> Response {
+    if R::ERRORS == crate::error::ErrorShape::Anthropic
+        && let Ok(v) = HeaderValue::from_str(request_id)
+    {
+        resp.headers_mut().insert("request-id", v);
+    }
+    resp
 }
 
 async fn require_caller(st: &SharedState, headers: &HeaderMap) -> Result<Caller, ApiError> {
@@ -171,14 +193,24 @@ async fn pipeline_handler<R: Route>(
     headers: HeaderMap,
     body: Result<RawBody, ApiError>,
 ) -> Response {
-    let headers = &headers;
+    let request_id = request_id_of(&headers);
+    let resp = pipeline_response::<R>(&st, &headers, body, request_id.clone()).await;
+    with_request_id::<R>(resp, &request_id)
+}
+
+/// [`pipeline_handler`]'s work: the response in the route's shape.
+async fn pipeline_response<R: Route>(
+    st: &SharedState,
+    headers: &HeaderMap,
+    body: Result<RawBody, ApiError>,
+    request_id: String,
+) -> Response {
     let route = R::PATH;
     let started = Instant::now();
-    let request_id = request_id_of(headers);
     let result = async {
         // The body's share of the in-flight budget is held until the answer is made.
         let RawBody(bytes, _permit) = body?;
-        let caller = caller_of(&st, headers).await?;
+        let caller = caller_of(st, headers).await?;
         // A large body waits for its turn at the heavy steps before it is parsed (for at most
         // the request's timeout).
         let limit = st.config.server.request_timeout;
@@ -189,7 +221,7 @@ async fn pipeline_handler<R: Route>(
         body.turn = turn;
         let call = R::parse(body, request_id)?;
         let model = call.model.clone();
-        let reply = tokio::time::timeout(limit, R::run(&st, caller, call))
+        let reply = tokio::time::timeout(limit, R::run(st, caller, call))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);

@@ -2,7 +2,8 @@
 //! the documented request: path, `x-api-key`, `anthropic-version`, body fields) serving the
 //! recorded answers in `tests/fixtures/anthropic/`, and the gateway translating OpenAI chat
 //! completions to it and back: whole answers, streams, tool calls, every class of upstream
-//! error, and charges from the tokens the upstream reported.
+//! error, and charges from the tokens the upstream reported; and `POST /v1/messages` through
+//! this provider.
 
 #![allow(
     clippy::unwrap_used,
@@ -659,4 +660,80 @@ async fn a_keyed_call_is_charged_the_tokens_the_upstream_reported() {
         "{balance}"
     );
     assert_eq!(balance["reserved_picodollars"], 0, "{balance}");
+}
+
+/// `POST /v1/messages` through the anthropic provider: Anthropic's request, translated into the
+/// unified chat request and by the plugin into a Messages call again, and the answer back, whole
+/// and streamed, tool use included.
+#[tokio::test]
+async fn the_messages_route_round_trips_through_the_anthropic_provider() {
+    let up = MockAnthropic::start().await;
+    let gw = gateway(&up).await;
+    let tools = json!([{"name": "get_weather", "description": "Weather in a city",
+                        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+    let body = json!({"model": "claude-tools", "max_tokens": 100, "system": "Be brief.", "top_k": 5,
+                      "tools": tools, "tool_choice": {"type": "auto"},
+                      "messages": [{"role": "user", "content": "Weather in Paris?"}]});
+    let resp = gw
+        .client
+        .post(format!("{}/v1/messages", gw.public))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let m: Value = resp.json().await.unwrap();
+    assert_eq!(
+        m["content"],
+        json!([{"type": "text", "text": "Let me check the weather."},
+               {"type": "tool_use", "id": "toolu_01WeatherInParis", "name": "get_weather",
+                "input": {"city": "Paris", "unit": "celsius"}}])
+    );
+    assert_eq!(m["stop_reason"], "tool_use");
+    assert_eq!(m["usage"]["input_tokens"], 310);
+    assert_eq!(m["usage"]["output_tokens"], 54);
+    let seen = up.last();
+    assert_eq!(seen.path, "/v1/messages");
+    assert_eq!(seen.body["system"], "Be brief.");
+    assert_eq!(seen.body["max_tokens"], 100);
+    assert_eq!(seen.body["top_k"], 5);
+    assert_eq!(
+        seen.body["tools"][0]["input_schema"],
+        tools[0]["input_schema"]
+    );
+    assert_eq!(seen.body["tool_choice"]["type"], "auto");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = gw
+        .client
+        .post(format!("{}/v1/messages", gw.public))
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let evs = crate::messages::events(&resp.text().await.unwrap());
+    let starts: Vec<&Value> = evs
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, d)| &d["content_block"])
+        .collect();
+    assert_eq!(starts[0]["type"], "text");
+    assert_eq!(starts[1]["type"], "tool_use");
+    assert_eq!(starts[1]["id"], "toolu_01WeatherInParis");
+    let partial: String = evs
+        .iter()
+        .filter(|(_, d)| d["delta"]["type"] == "input_json_delta")
+        .map(|(_, d)| d["delta"]["partial_json"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&partial).unwrap(),
+        json!({"city": "Paris", "unit": "celsius"})
+    );
+    let (_, delta) = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    assert_eq!(delta["usage"]["input_tokens"], 310);
+    assert_eq!(delta["usage"]["output_tokens"], 54);
+    assert_eq!(evs.last().unwrap().0, "message_stop");
 }

@@ -46,7 +46,8 @@ pub fn fixture(path: &str) -> String {
 /// Models: `ok`, `stream` (or any with `"stream": true`), `fail500`, `hang`, `malformed`,
 /// `truncated`, `slow-stream` (one chunk, then waits for the client to go away), `slow-finish`
 /// (the recorded stream, one event every [`SLOW_FINISH_PAUSE`]), `slow-json` (the recorded
-/// answer after [`SLOW_JSON_PAUSE`]), `ratelimit`.
+/// answer after [`SLOW_JSON_PAUSE`]), `ratelimit`, `tool-call` (OpenAI's documented tool call
+/// answer, whole and streamed).
 #[derive(Default)]
 pub struct MockState {
     /// Model `flaky` of `/v1/chat/completions` fails (500) while set.
@@ -429,6 +430,14 @@ async fn mock_chat(
             });
             sse(Body::from_stream(s))
         }
+        // OpenAI's documented answer that calls a tool, whole and streamed.
+        "tool-call" if stream => sse(Body::from(fixture("openai/chat_tool_call_stream.sse"))),
+        "tool-call" => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            fixture("openai/chat_tool_call.json"),
+        )
+            .into_response(),
         _ if stream => sse(Body::from(fixture("openai/chat_stream.sse"))),
         _ => (
             StatusCode::OK,

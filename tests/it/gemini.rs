@@ -3,7 +3,7 @@
 //! and the gateway translating OpenAI chat completions to it and back: whole answers, streams,
 //! every class of upstream error, charges from `usageMetadata`, the credential kept host-side,
 //! and an image model ("Nano Banana Pro") asked through chat completions with Google's
-//! `image_config`, answering a PNG.
+//! `image_config`, answering a PNG; and `POST /v1/messages` through this provider.
 
 #![allow(
     clippy::unwrap_used,
@@ -570,4 +570,64 @@ async fn the_openai_python_sdk_gets_nano_banana_pro_images() {
         up.last_body()["generationConfig"]["imageConfig"],
         json!({"aspectRatio": "3:4", "imageSize": "4K"})
     );
+}
+
+/// `POST /v1/messages` through the gemini provider: Anthropic's request becomes a
+/// `generateContent` call (through the unified chat request), the answer comes back as
+/// Anthropic's message or events, a tool call included.
+#[tokio::test]
+async fn the_messages_route_is_served_by_the_gemini_provider() {
+    let up = GeminiMock::start().await;
+    let gw = gateway(&up).await;
+    let post = |body: Value| {
+        gw.client
+            .post(format!("{}/v1/messages", gw.public))
+            .json(&body)
+            .send()
+    };
+    let ask = json!({"model": "gemini-flash", "max_tokens": 50, "top_k": 7,
+                     "system": "Be brief.", "messages": [{"role": "user", "content": "Hello"}]});
+    let resp = post(ask.clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let m: Value = resp.json().await.unwrap();
+    assert_eq!(
+        m["content"],
+        json!([{"type": "text", "text": "Hello from Gemini!"}])
+    );
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"]["input_tokens"], TEXT_USAGE.0);
+    let sent = up.last_body();
+    assert_eq!(sent["generationConfig"]["topK"], 7);
+    assert_eq!(sent["generationConfig"]["maxOutputTokens"], 50);
+
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    let resp = post(streamed).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let evs = crate::messages::events(&resp.text().await.unwrap());
+    let text: String = evs
+        .iter()
+        .filter(|(_, d)| d["delta"]["type"] == "text_delta")
+        .map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, "Hello from Gemini!");
+    assert_eq!(evs.last().unwrap().0, "message_stop");
+
+    let resp = post(json!({"model": "mock-tools", "max_tokens": 50,
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let m: Value = resp.json().await.unwrap();
+    let tool = m["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .cloned()
+        .unwrap_or_else(|| panic!("a tool_use block: {m}"));
+    assert_eq!(tool["name"], "get_weather");
+    assert_eq!(tool["input"], json!({"city": "Paris"}));
+    assert_eq!(m["stop_reason"], "tool_use");
 }

@@ -18,6 +18,7 @@ mod hardening;
 mod hot_reload;
 mod images;
 mod limits;
+mod messages;
 mod openai_sdk;
 mod plugin_kit;
 mod policy;

@@ -5,7 +5,7 @@
 //! `https://api.anthropic.com/v1`) with `anthropic-version: 2023-06-01`; the key travels in
 //! `x-api-key`, added by the host from the manifest's auth scheme, never by this plugin. The body
 //! is `{model, max_tokens (required), system?, messages: [{role: user | assistant, content: string
-//! | blocks}], temperature?, top_p?, stop_sequences?, stream?, tools?: [{name, description?,
+//! | blocks}], temperature?, top_p?, top_k?, stop_sequences?, stream?, tools?: [{name, description?,
 //! input_schema}], tool_choice?, metadata?}`; the answer is `{id, type: "message", role, model,
 //! content: [text | tool_use blocks], stop_reason, usage: {input_tokens, output_tokens}}`; a
 //! stream is named server-sent events (`message_start`, `content_block_start`,

@@ -61,7 +61,7 @@ pub fn build(model: &str, req: &Value, default_max_tokens: u32) -> Result<Value,
         body.insert("system".into(), json!(system.join("\n\n")));
     }
     body.insert("messages".into(), Value::Array(messages));
-    for key in ["temperature", "top_p"] {
+    for key in ["temperature", "top_p", "top_k"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
             Some(v @ Value::Number(_)) => {
@@ -441,6 +441,7 @@ mod tests {
             "max_tokens": 50,
             "temperature": 0.2,
             "top_p": 0.9,
+            "top_k": 40,
             "stop": "END",
             "stream": true,
             "user": "u-1",
@@ -460,6 +461,7 @@ mod tests {
         assert_eq!(b["max_tokens"], 50);
         assert_eq!(b["temperature"], 0.2);
         assert_eq!(b["top_p"], 0.9);
+        assert_eq!(b["top_k"], 40);
         assert_eq!(b["stop_sequences"], json!(["END"]));
         assert_eq!(b["stream"], true);
         assert_eq!(b["metadata"], json!({"user_id": "u-1"}));

@@ -189,7 +189,9 @@ async fn pipeline_handler<R: Route>(
         body.turn = turn;
         let call = R::parse(body, request_id)?;
         let model = call.model.clone();
-        let reply = tokio::time::timeout(limit, R::run(&st, caller, call))
+        // The route's steps are one large future: boxed once here, it is not copied again by
+        // every combinator it passes through (the timeout, the handler's and the layers').
+        let reply = tokio::time::timeout(limit, Box::pin(R::run(&st, caller, call)))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);

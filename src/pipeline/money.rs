@@ -145,20 +145,14 @@ pub fn with_cost(text: &str, cost: Credits) -> Option<String> {
         #[serde(borrow, default)]
         usage: Option<&'a RawValue>,
     }
-    #[derive(serde::Deserialize)]
-    struct UsageKeys {
-        #[serde(default)]
-        cost: Option<IgnoredAny>,
-        #[serde(default)]
-        cost_picodollars: Option<IgnoredAny>,
-    }
     let top: Top<'_> = serde_json::from_str(text).ok()?;
     let raw = top.usage?.get();
     if !raw.starts_with('{') || !raw.ends_with('}') {
         return None;
     }
-    let keys: UsageKeys = serde_json::from_str(raw).ok()?;
-    if keys.cost.is_some() || keys.cost_picodollars.is_some() {
+    // The usage's keys (a key written with escapes is left to the parsed value's way).
+    let keys: std::collections::HashMap<&str, IgnoredAny> = serde_json::from_str(raw).ok()?;
+    if keys.contains_key("cost") || keys.contains_key("cost_picodollars") {
         return None;
     }
     // `raw` borrows from `text`: where it ends there is the usage object's closing brace.
@@ -242,6 +236,8 @@ mod tests {
             r#"{"usage":null}"#,
             r#"{"usage":[1]}"#,
             r#"{"usage":{"cost":"1"}}"#,
+            r#"{"usage":{"cost":null}}"#,
+            r#"{"usage":{"cost_picodollars":5}}"#,
             r#"{"usage":{"a":1},"usage":{"b":2}}"#,
             r#"[1]"#,
         ] {

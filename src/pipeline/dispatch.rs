@@ -176,7 +176,9 @@ async fn run(
             expect,
             last,
         };
-        match attempt.run(st, &mut raw, &mut turn).await {
+        // Boxed: the attempt's future (plugin calls, the upstream exchange) is large, and
+        // moving it into this one's state would copy it.
+        match Box::pin(attempt.run(st, &mut raw, &mut turn)).await {
             Ok(got) => {
                 if n > 1 {
                     st.routing

@@ -110,10 +110,10 @@ impl Bill {
     ) -> Result<super::Reply, ApiError> {
         let cost = self.settle(usage).await?;
         let body = match cost {
-            Some(c) => {
+            Some(c) => with_cost(&text, c).unwrap_or_else(|| {
                 add_cost(&mut value, c);
                 value.to_string()
-            }
+            }),
             None => text,
         };
         Ok(super::Reply::Json { body, cost })
@@ -131,6 +131,48 @@ pub fn usage_of(v: &serde_json::Map<String, Value>) -> Option<Usage> {
             .unwrap_or(0),
         ..Usage::default()
     })
+}
+
+/// The answer's text with what the request cost added to its top-level `usage` object, the
+/// rest of the text as the plugin wrote it (no second serialization of the whole answer).
+/// `None` when that is not plain to do (no `usage` object, one that already has a cost key, a
+/// duplicate key): the caller then goes through the parsed value ([`add_cost`]).
+pub fn with_cost(text: &str, cost: Credits) -> Option<String> {
+    use serde::de::IgnoredAny;
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
+    }
+    let top: Top<'_> = serde_json::from_str(text).ok()?;
+    let raw = top.usage?.get();
+    if !raw.starts_with('{') || !raw.ends_with('}') {
+        return None;
+    }
+    // The usage's keys (a key written with escapes is left to the parsed value's way).
+    let keys: std::collections::HashMap<&str, IgnoredAny> = serde_json::from_str(raw).ok()?;
+    if keys.contains_key("cost") || keys.contains_key("cost_picodollars") {
+        return None;
+    }
+    // `raw` borrows from `text`: where it ends there is the usage object's closing brace.
+    let start = (raw.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    let close = start + raw.len() - 1;
+    if text.get(close..=close) != Some("}") {
+        return None;
+    }
+    let empty = raw[1..raw.len() - 1].trim().is_empty();
+    let mut out = String::with_capacity(text.len() + 64);
+    out.push_str(&text[..close]);
+    if !empty {
+        out.push(',');
+    }
+    out.push_str("\"cost\":\"");
+    out.push_str(&cost.to_string());
+    out.push_str("\",\"cost_picodollars\":");
+    out.push_str(&cost.0.to_string());
+    out.push_str(&text[close..]);
+    Some(out)
 }
 
 /// Say what the request cost, in the usage object.
@@ -167,6 +209,40 @@ mod tests {
         assert_eq!(e.usage.completion_tokens, 6_400);
         assert_eq!(e.cost, Credits(100 * 2 + 6_400 * 10));
         assert_eq!(e.tokens(), 6_500);
+    }
+
+    #[test]
+    fn cost_goes_into_the_text_as_into_the_value() {
+        let cost = Credits(1_500_000_000_000);
+        for text in [
+            r#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":2},"choices":[]}"#,
+            "{\n  \"usage\": { \"prompt_tokens\": 3 },\n  \"model\": \"m\"\n}\n",
+            r#"{"usage":{},"choices":[{"message":{"content":"a \"usage\": {}"}}]}"#,
+            r#"{"choices":[{"usage":{"x":1}}],"usage":{"prompt_tokens":1}}"#,
+        ] {
+            let spliced = with_cost(text, cost).expect("spliced");
+            let mut v: Value = serde_json::from_str(text).unwrap();
+            add_cost(&mut v, cost);
+            assert_eq!(
+                serde_json::from_str::<Value>(&spliced).unwrap(),
+                v,
+                "{text}"
+            );
+        }
+        // Left to the parsed value: no usage, a usage that is not an object, a cost already
+        // there, a duplicate key, not an object.
+        for text in [
+            r#"{"id":"x"}"#,
+            r#"{"usage":null}"#,
+            r#"{"usage":[1]}"#,
+            r#"{"usage":{"cost":"1"}}"#,
+            r#"{"usage":{"cost":null}}"#,
+            r#"{"usage":{"cost_picodollars":5}}"#,
+            r#"{"usage":{"a":1},"usage":{"b":2}}"#,
+            r#"[1]"#,
+        ] {
+            assert_eq!(with_cost(text, cost), None, "{text}");
+        }
     }
 
     #[test]

@@ -34,7 +34,12 @@ pub const COST_HEADER: &str = "x-tollgate-cost";
 /// Give every request a fresh id (replacing any the client sent: the id names ledger entries)
 /// and copy it onto the response.
 pub async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = uuid::Uuid::new_v4().to_string();
+    // A v4 UUID from the thread's CSPRNG (seeded from the OS once): no system call a request.
+    let id = uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned();
     if let Ok(v) = HeaderValue::from_str(&id) {
         req.headers_mut().insert(REQUEST_ID, v.clone());
         let mut resp = next.run(req).await;
@@ -221,7 +226,9 @@ async fn pipeline_response<R: Route>(
         body.turn = turn;
         let call = R::parse(body, request_id)?;
         let model = call.model.clone();
-        let reply = tokio::time::timeout(limit, R::run(st, caller, call))
+        // The route's steps are one large future: boxed once here, it is not copied again by
+        // every combinator it passes through (the timeout, the handler's and the layers').
+        let reply = tokio::time::timeout(limit, Box::pin(R::run(st, caller, call)))
             .await
             .map_err(|_| ApiError::RequestTimeout(limit))
             .and_then(|r| r);

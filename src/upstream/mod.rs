@@ -10,8 +10,9 @@
 pub mod guard;
 pub mod sse;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +54,8 @@ pub struct Target<'a> {
 #[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
+    /// URLs already joined and checked (see [`Joined`]).
+    joined: Joined,
     timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
@@ -82,6 +85,7 @@ impl Upstream {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             client,
+            joined: Joined::default(),
             timeout: cfg.timeout,
             idle_timeout: cfg.stream_idle_timeout,
             max_body_bytes: cfg.max_body_bytes,
@@ -97,8 +101,10 @@ impl Upstream {
         req: OutboundRequest,
     ) -> Result<Pending, UpstreamError> {
         let channel = target.channel.to_string();
-        let mut url =
-            join(target.base_url, &req.path).map_err(|detail| UpstreamError::BadRequest {
+        let mut url = self
+            .joined
+            .get(target.base_url, &req.path)
+            .map_err(|detail| UpstreamError::BadRequest {
                 channel: channel.clone(),
                 detail: detail.into(),
             })?;
@@ -178,6 +184,41 @@ impl Upstream {
             max_body_bytes: self.max_body_bytes,
             max_event_bytes: self.max_event_bytes,
         })
+    }
+}
+
+/// The URLs [`join`] accepted, by base URL and path: a channel's requests go to a handful of
+/// paths, and parsing and checking two URLs is a good part of the host's own work for a
+/// request. Only accepted joins are kept, at most [`Joined::MAX`] paths for each of at most
+/// [`Joined::MAX`] base URLs (a plugin that puts ids in its paths fills its share once; later
+/// paths are joined each time, as before).
+#[derive(Clone, Default)]
+struct Joined(Arc<RwLock<HashMap<String, HashMap<String, reqwest::Url>>>>);
+
+impl Joined {
+    const MAX: usize = 256;
+
+    fn get(&self, base_url: &str, path: &str) -> Result<reqwest::Url, &'static str> {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(base_url)
+            .and_then(|paths| paths.get(path))
+            .cloned();
+        if let Some(url) = known {
+            return Ok(url);
+        }
+        let url = join(base_url, path)?;
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let room = map.len() < Self::MAX || map.contains_key(base_url);
+        if room {
+            let paths = map.entry(base_url.to_owned()).or_default();
+            if paths.len() < Self::MAX {
+                paths.insert(path.to_owned(), url.clone());
+            }
+        }
+        Ok(url)
     }
 }
 
@@ -443,6 +484,19 @@ mod tests {
             assert!(join("http://h/v1", path).is_err(), "{path} was joined");
         }
         assert!(join("", "/x").is_err());
+    }
+
+    #[test]
+    fn joined_urls_are_remembered_only_once_accepted() {
+        let j = Joined::default();
+        let a = j.get("http://h/v1", "/chat/completions").unwrap();
+        assert_eq!(a.as_str(), "http://h/v1/chat/completions");
+        assert_eq!(j.get("http://h/v1", "/chat/completions").unwrap(), a);
+        for _ in 0..2 {
+            assert!(j.get("http://h/v1", "/../admin").is_err());
+        }
+        let b = j.get("http://other:8080/v1", "/chat/completions").unwrap();
+        assert_eq!(b.as_str(), "http://other:8080/v1/chat/completions");
     }
 
     fn chunks(

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// How long the writer lets charges gather after the first one wakes it (see [`write_loop`]).
+const GATHER: Duration = Duration::from_millis(2);
+
 pub(super) fn writer_gone() -> BillingError {
     io_error("the ledger writer", "stopped")
 }
@@ -43,13 +46,23 @@ pub(super) async fn write_loop(
     tokio::pin!(stopping);
     loop {
         let retry_at = failing.as_ref().map(|f| f.until);
+        let mut charged = false;
         let stop = tokio::select! {
             biased;
             () = &mut stopping => true,
             n = rx.recv_many(&mut commands, MAX_BATCH) => n == 0,
-            () = w.queue.wake.notified(), if retry_at.is_none() => false,
+            () = w.queue.wake.notified(), if retry_at.is_none() => {
+                charged = true;
+                false
+            }
             () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => false,
         };
+        if charged {
+            // Woken by a charge: let the charges of the next moment join it, so one ledger
+            // transaction carries many of them (a group commit). The charge is already safe in
+            // the journal; only the ledger's copy waits, and readers flush first.
+            tokio::time::sleep(GATHER).await;
+        }
         if stop {
             // Shutdown: move what is journaled (tries until it lands or the database stays
             // down; what is left stays in the journal for the next start), then end.

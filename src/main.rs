@@ -179,10 +179,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugin { command } => match command {
             PluginCommand::Check { file, samples } => {
                 let cfg = tollgate::config::load(None)?;
-                let (manifest, report) =
+                let (described, report) =
                     tollgate::kit::check_file(&cfg.plugins, &file, samples.as_deref())?;
                 let mut out = std::io::stdout().lock();
-                write!(out, "{}", tollgate::kit::render_manifest(&manifest))?;
+                write!(out, "{}", described.render())?;
                 write!(out, "\n{}", report.render())?;
                 Ok(if report.passed() {
                     ExitCode::SUCCESS

@@ -1,5 +1,5 @@
-//! `tollgate plugin check`: the conformance checks an operator runs on a provider component
-//! before dropping it into the plugins folder.
+//! `tollgate plugin check`: the conformance checks an operator runs on a provider or policy
+//! component before dropping it into the plugins folder.
 //!
 //! Every check goes through the host's own session code (the calls, the output checks and the
 //! error classification a request gets), against a made-up channel (`https://upstream.invalid/v1`,
@@ -22,6 +22,11 @@
 //!   error statuses.
 //!
 //! A trap, a CPU or memory overrun anywhere is a failure.
+//!
+//! A policy component ([`check_policy`]) is checked for what it describes (a semantic version,
+//! categories a policy set can name) and screened with ordinary prompts (a question, an empty
+//! one, non-Latin text, 64 KiB): each must come back within the call's limits, none blocked, and
+//! any verdict must name a category the plugin declares.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -31,7 +36,7 @@ use serde_json::{Value, json};
 use crate::pipeline::dispatch::Expect;
 use crate::plugins::{
     AuthScheme, ChannelContext, GuestErrorClass, InboundResponse, Manifest, Outbound,
-    OutboundRequest, Plugin, PluginError, redact,
+    OutboundRequest, Plugin, PluginAction, PluginError, PolicyInput, PolicyPlugin, redact,
 };
 use crate::upstream::sse;
 
@@ -189,13 +194,7 @@ pub async fn check(plugin: &Plugin, samples: Option<&Samples>) -> Result<Report,
 }
 
 fn manifest_checks(report: &mut Report, m: &Manifest, has_tasks: bool) {
-    let semver = m.version.split(['-', '+']).next().is_some_and(|core| {
-        let parts: Vec<&str> = core.split('.').collect();
-        parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-    });
+    let semver = is_semver(&m.version);
     report.result(
         "manifest: version",
         if semver {
@@ -1198,4 +1197,100 @@ async fn task_checks(report: &mut Report, plugin: &Plugin) {
             report.result(format!("tasks ({kind}): unusable poll answer"), r);
         }
     }
+}
+
+/// The prompts a policy plugin is screened with: (check name, text). Each must come back without
+/// a trap, an overrun or a refused output, and none of them may be blocked.
+fn policy_prompts() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "screen: a plain question",
+            "What is the capital of France?".into(),
+        ),
+        ("screen: an empty prompt", String::new()),
+        (
+            "screen: non-Latin text",
+            "Пожалуйста, переведи: 今日はいい天気ですね。 مرحبا بالعالم 👋".into(),
+        ),
+        (
+            "screen: a 64 KiB prompt",
+            "Summarize the minutes of the garden club's spring meeting. ".repeat(1100),
+        ),
+    ]
+}
+
+/// The conformance checks of a policy component (the `policy` world): what it describes, and
+/// its verdicts on ordinary prompts, through the host's own call (the gateway's limits).
+pub async fn check_policy(plugin: &PolicyPlugin) -> Report {
+    let mut report = Report::default();
+    let semver = is_semver(&plugin.version);
+    report.result(
+        "describe: version",
+        if semver {
+            Ok(format!("{} {}", plugin.name, plugin.version))
+        } else {
+            Err(format!(
+                "`{}` is not a semantic version (MAJOR.MINOR.PATCH)",
+                plugin.version
+            ))
+        },
+    );
+    let bad: Vec<&str> = plugin
+        .categories
+        .iter()
+        .map(String::as_str)
+        .filter(|c| {
+            c.is_empty()
+                || !c
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .collect();
+    report.result(
+        "describe: categories",
+        if plugin.categories.is_empty() {
+            Err("declares no category: a policy set cannot decide on its verdicts".into())
+        } else if !bad.is_empty() {
+            Err(format!(
+                "categories must be lowercase words with `_` (as in policy files): {}",
+                bad.join(", ")
+            ))
+        } else {
+            Ok(plugin.categories.join(", "))
+        },
+    );
+    for (check, text) in policy_prompts() {
+        let input = PolicyInput {
+            normalized: &text,
+            original: &text,
+            model: "check-model",
+            route: "chat",
+            policy_set: "default",
+        };
+        let outcome = match plugin.screen(&input).await {
+            Err(e) => Err(describe(&e)),
+            Ok(v) if v.action == PluginAction::Allow => Ok("allowed".to_string()),
+            Ok(v) if !plugin.categories.contains(&v.category) => Err(format!(
+                "a verdict of category `{}`, which it does not declare",
+                v.category
+            )),
+            Ok(v) if v.action == PluginAction::Block => Err(format!(
+                "blocked an ordinary prompt ({}: {})",
+                v.category, v.rule
+            )),
+            Ok(v) => Ok(format!("flagged ({}: {})", v.category, v.rule)),
+        };
+        report.result(check, outcome);
+    }
+    report
+}
+
+fn is_semver(version: &str) -> bool {
+    version.split(['-', '+']).next().is_some_and(|core| {
+        let parts: Vec<&str> = core.split('.').collect();
+        parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }

@@ -99,13 +99,14 @@ impl Registry {
         &self.dir
     }
 
-    /// Compile a component that is not (yet) in the folder: for `tollgate plugin check`.
-    pub fn load_detached(&self, path: &Path) -> Result<Plugin, LoadError> {
+    /// Compile a component that is not (yet) in the folder, a provider or a policy plugin: for
+    /// `tollgate plugin check`.
+    pub fn load_detached(&self, path: &Path) -> Result<Loaded, LoadError> {
         let bytes = std::fs::read(path)
             .map_err(|e| LoadError::Io(path.display().to_string(), e.to_string()))?;
         let name = stem(path).unwrap_or_default();
         self.core
-            .load(&name, &bytes, Origin::File(path.to_path_buf()))
+            .load_any(&name, &bytes, Origin::File(path.to_path_buf()))
     }
 
     /// Look at the folder again: load new and changed files, drop removed ones.

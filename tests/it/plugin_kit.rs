@@ -28,9 +28,9 @@ fn plugins_config() -> tollgate::config::PluginsConfig {
 }
 
 fn check(name: &str) -> Report {
-    let (manifest, report) = tollgate::kit::check_file(&plugins_config(), &artifact(name), None)
+    let (described, report) = tollgate::kit::check_file(&plugins_config(), &artifact(name), None)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(manifest.name, name);
+    assert_eq!(described.name(), name);
     report
 }
 
@@ -42,6 +42,51 @@ fn failed<'a>(report: &'a Report, check: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no check `{check}` in:\n{}", report.render()));
     assert_eq!(f.outcome, Outcome::Fail, "{}", report.render());
     &f.reason
+}
+
+/// Policy components are vetted too: what they describe, and ordinary prompts screened within
+/// the call's limits, none blocked.
+#[test]
+fn policy_plugins_are_checked_as_policies() {
+    for name in ["policy_secrets", "policy_scorer"] {
+        let (described, report) =
+            tollgate::kit::check_file(&plugins_config(), &artifact(name), None).unwrap();
+        assert!(
+            matches!(&described, tollgate::kit::Described::Policy { categories, .. } if !categories.is_empty()),
+            "{name}: {described:?}"
+        );
+        assert!(report.passed(), "{name}:\n{}", report.render());
+        for check in [
+            "describe: version",
+            "describe: categories",
+            "screen: a plain question",
+            "screen: an empty prompt",
+            "screen: non-Latin text",
+            "screen: a 64 KiB prompt",
+        ] {
+            assert!(
+                report
+                    .findings
+                    .iter()
+                    .any(|f| f.check == check && f.outcome == Outcome::Pass),
+                "{name}: `{check}` did not pass:\n{}",
+                report.render()
+            );
+        }
+    }
+    // One that blocks ordinary prompts, with a made-up version and an undeclared category, fails.
+    let (_, report) =
+        tollgate::kit::check_file(&plugins_config(), &artifact("tg_overzealous"), None).unwrap();
+    assert!(!report.passed());
+    assert!(failed(&report, "describe: version").contains("not a semantic version"));
+    assert!(failed(&report, "screen: a plain question").contains("blocked an ordinary prompt"));
+    assert!(failed(&report, "screen: an empty prompt").contains("`undeclared`"));
+    // A file that is no component is refused with a load error, not checked.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not a component").unwrap();
+    let e = tollgate::kit::check_file(&plugins_config(), &junk, None).unwrap_err();
+    assert!(matches!(e, tollgate::kit::CheckError::Load(_)), "{e}");
 }
 
 #[test]

@@ -108,14 +108,7 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
                 }
             };
             let text = if images > 0 { value.to_string() } else { text };
-            let mut usage = value
-                .as_object()
-                .and_then(usage_of)
-                .unwrap_or_else(|| Usage {
-                    prompt_tokens: d.bill.estimate.usage.prompt_tokens,
-                    completion_tokens: counted_completion_tokens(&value),
-                    ..Usage::default()
-                });
+            let mut usage = answer_usage(&value, &d.bill);
             usage.images = images;
             d.bill.settle_json(value, text, usage).await?
         }
@@ -132,7 +125,20 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
 }
 
 /// Tokens of a completion that came without usage: about four bytes a token.
-pub(super) fn counted_completion_tokens(v: &Value) -> u64 {
+/// What a whole chat answer used: the usage it reports, or (an upstream that reports none) the
+/// estimate's prompt tokens and the answer's counted completion.
+pub(super) fn answer_usage(value: &Value, bill: &super::money::Bill) -> Usage {
+    value
+        .as_object()
+        .and_then(usage_of)
+        .unwrap_or_else(|| Usage {
+            prompt_tokens: bill.estimate.usage.prompt_tokens,
+            completion_tokens: counted_completion_tokens(value),
+            ..Usage::default()
+        })
+}
+
+fn counted_completion_tokens(v: &Value) -> u64 {
     let chars: usize = v
         .get("choices")
         .and_then(Value::as_array)

@@ -17,26 +17,16 @@
 mod answer;
 mod request;
 
-use serde_json::Value;
-
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::billing::Usage;
 use crate::error::{ApiError, ErrorShape};
 
-use super::dispatch::{Answer, Expect};
-use super::money::usage_of;
+use super::dispatch::Answer;
 use super::{Body, Call, Need, Reply, Served, admission, dispatch, money, relay, screen};
 
 pub use answer::Events;
 
 pub const ROUTE: &str = "/v1/messages";
-
-/// The unified answer must be a chat completion.
-const COMPLETION: Expect = Expect {
-    what: "a chat.completion object",
-    check: |v| v.get("choices").is_some_and(Value::is_array),
-};
 
 /// Validate a Messages request and make it the unified chat request.
 pub fn parse(body: Body, request_id: String) -> Result<Call, ApiError> {
@@ -75,17 +65,10 @@ pub async fn run(st: &AppState, caller: Option<Caller>, call: Call) -> Result<Se
     let admitted = admission::admit(st, caller, call).await?;
     let screened = screen::screen(st, admitted).await?;
     let reserved = money::reserve(st, screened).await?;
-    let d = dispatch::dispatch(st, reserved, &COMPLETION).await?;
+    let d = dispatch::dispatch(st, reserved, &super::chat::COMPLETION).await?;
     let reply = match d.answer {
         Answer::Json { value, .. } => {
-            let usage = value
-                .as_object()
-                .and_then(usage_of)
-                .unwrap_or_else(|| Usage {
-                    prompt_tokens: d.bill.estimate.usage.prompt_tokens,
-                    completion_tokens: super::chat::counted_completion_tokens(&value),
-                    ..Usage::default()
-                });
+            let usage = super::chat::answer_usage(&value, &d.bill);
             let cost = d.bill.settle(usage).await?;
             let message = answer::message(&id, &model, &value, &usage, cost);
             Reply::Json {

@@ -618,19 +618,9 @@ async fn a_keyed_call_is_charged_the_tokens_the_upstream_reported() {
     assert_eq!(body["usage"]["cost_picodollars"], whole);
     assert_eq!(body["usage"]["cost"], cost);
     assert_eq!(cost, "0.000080000000");
-    let ledger: Value = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/ledger?request_id={request_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ledger["data"][0]["amount"], -whole);
-    assert_eq!(ledger["data"][0]["prompt_tokens"], 25);
+    let ledger = gw.ledger_of(&request_id).await;
+    assert_eq!(ledger[0]["amount"], -whole);
+    assert_eq!(ledger[0]["prompt_tokens"], 25);
 
     // Streamed: 25 in (message_start), 9 out (message_delta), charged once at the end.
     let chunks = chunks(chat(&gw, Some(&key), hello("claude-haiku", true)).await).await;

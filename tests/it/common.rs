@@ -732,6 +732,22 @@ impl TestGateway {
             .bearer_auth(ADMIN_TOKEN)
     }
 
+    /// Through the admin API: the ledger lines of one request (`data` of `/admin/ledger`).
+    pub async fn ledger_of(&self, request_id: &str) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/ledger?request_id={request_id}"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].as_array().unwrap().clone()
+    }
+
     /// Through the admin API: an account named `name` with `usd` dollars (none if `"0"`) and a
     /// key for it; (account id, key).
     pub async fn admin_funded_key(&self, name: &str, usd: &str) -> (String, String) {

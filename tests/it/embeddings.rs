@@ -188,19 +188,9 @@ async fn embeddings_are_billed_on_input_tokens_and_failures_cost_nothing() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["usage"]["prompt_tokens"], 3);
     assert_eq!(body["usage"]["cost_picodollars"], 3000);
-    let ledger: serde_json::Value = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/ledger?request_id={request_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ledger["data"][0]["amount"], -3000);
-    assert_eq!(ledger["data"][0]["prompt_tokens"], 3);
+    let ledger = gw.ledger_of(&request_id).await;
+    assert_eq!(ledger[0]["amount"], -3000);
+    assert_eq!(ledger[0]["prompt_tokens"], 3);
     // A blocked input and a bad one cost nothing and leave nothing reserved.
     let resp = embed(
         &gw,

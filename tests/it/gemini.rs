@@ -391,19 +391,9 @@ async fn a_keyed_call_is_charged_the_tokens_the_upstream_reported() {
     let (p, c, t) = TEXT_USAGE;
     let whole = p as i64 * input + (c + t) as i64 * output;
     assert_eq!(body["usage"]["cost_picodollars"], whole);
-    let ledger: Value = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/ledger?request_id={request_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ledger["data"][0]["amount"], -whole);
-    assert_eq!(ledger["data"][0]["prompt_tokens"], p);
+    let ledger = gw.ledger_of(&request_id).await;
+    assert_eq!(ledger[0]["amount"], -whole);
+    assert_eq!(ledger[0]["prompt_tokens"], p);
 
     // Streamed: the last event's usageMetadata, charged once at the end.
     let chunks = chunks(chat(&gw, Some(&key), hello("gemini-flash", true)).await).await;

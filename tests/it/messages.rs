@@ -105,22 +105,6 @@ async fn assert_anthropic_error(resp: reqwest::Response, status: u16, kind: &str
     body
 }
 
-/// The ledger lines of a request.
-async fn ledger_of(gw: &TestGateway, request_id: &str) -> Vec<Value> {
-    let v: Value = gw
-        .admin(
-            reqwest::Method::GET,
-            &format!("/admin/ledger?request_id={request_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"].as_array().unwrap().clone()
-}
-
 async fn balance(gw: &TestGateway, key: &str) -> i64 {
     let v: Value = gw
         .client
@@ -428,7 +412,7 @@ async fn bad_requests_and_bad_keys_get_anthropics_errors_and_cost_nothing() {
     assert_eq!(up.hits(), 0);
     assert_eq!(balance(&gw, &key).await, before);
     for id in request_ids {
-        assert!(ledger_of(&gw, &id).await.is_empty());
+        assert!(gw.ledger_of(&id).await.is_empty());
     }
 }
 
@@ -485,10 +469,10 @@ async fn a_billed_message_is_charged_once_whole_and_streamed() {
     assert_eq!(m["usage"]["cost"], cost);
     // Charges reach the ledger through the charge journal, within milliseconds.
     wait_for("the charge in the ledger", async || {
-        ledger_of(&gw, &whole_id).await.len() == 1
+        gw.ledger_of(&whole_id).await.len() == 1
     })
     .await;
-    assert_eq!(ledger_of(&gw, &whole_id).await[0]["amount"], -whole);
+    assert_eq!(gw.ledger_of(&whole_id).await[0]["amount"], -whole);
 
     // Streamed: 9 in, 2 out, charged once after the end; the cost is in `message_delta`.
     let resp = messages(&gw, Some(&key), hello("paid", true)).await;
@@ -498,10 +482,10 @@ async fn a_billed_message_is_charged_once_whole_and_streamed() {
     let (_, delta) = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
     assert_eq!(delta["usage"]["cost_picodollars"], streamed);
     wait_for("the charge in the ledger", async || {
-        ledger_of(&gw, &stream_id).await.len() == 1
+        gw.ledger_of(&stream_id).await.len() == 1
     })
     .await;
-    assert_eq!(ledger_of(&gw, &stream_id).await[0]["amount"], -streamed);
+    assert_eq!(gw.ledger_of(&stream_id).await[0]["amount"], -streamed);
     let expected = before - whole - streamed;
     wait_for("the balance after both charges", async || {
         balance(&gw, &key).await == expected

@@ -481,23 +481,12 @@ async fn speech_is_billed_per_character_or_second_and_a_broken_body_costs_nothin
     assert_eq!(resp.headers()["x-tollgate-cost"], "0.000000012000");
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(resp.bytes().await.unwrap(), audio_bytes());
-    let ledger = || async {
-        gw.admin(
-            reqwest::Method::GET,
-            &format!("/admin/ledger?request_id={request_id}"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json::<serde_json::Value>()
-        .await
-        .unwrap()
-    };
+    let ledger = || gw.ledger_of(&request_id);
     wait_for("the charge", async || {
-        ledger().await["data"][0]["amount"] == -12_000
+        ledger().await[0]["amount"] == -12_000
     })
     .await;
-    assert_eq!(ledger().await["data"][0]["prompt_tokens"], 12);
+    assert_eq!(ledger().await[0]["prompt_tokens"], 12);
     // Per second: 30 characters at 15 a second and speed 0.5 are 4 seconds.
     let resp = speak(
         &gw,

@@ -204,6 +204,32 @@ pub struct PluginsConfig {
     pub call_timeout: Duration,
     pub max_instances: u32,
     pub watch: bool,
+    pub reuse: PluginReuse,
+}
+
+/// Which plugins' instances may serve more than one request (`plugins.reuse`): an instance is
+/// given back after a request whose calls all returned normally, and serves the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginReuse {
+    /// The bundled plugins (ours: they keep nothing between calls).
+    pub bundled: bool,
+    /// Plugins of the folder, by name, that the operator trusts the same way.
+    pub plugins: Vec<String>,
+    /// Requests one instance serves before it is dropped for a fresh one.
+    pub max_uses: u32,
+    /// Idle instances kept per plugin.
+    pub max_idle: usize,
+}
+
+impl Default for PluginReuse {
+    fn default() -> Self {
+        Self {
+            bundled: true,
+            plugins: Vec::new(),
+            max_uses: 1000,
+            max_idle: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

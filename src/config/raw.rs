@@ -242,6 +242,29 @@ struct RawPlugins {
     max_instances: u32,
     #[serde(default = "default_watch")]
     watch: bool,
+    #[serde(default)]
+    reuse: RawReuse,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawReuse {
+    bundled: bool,
+    plugins: Vec<String>,
+    max_uses: u32,
+    max_idle: usize,
+}
+
+impl Default for RawReuse {
+    fn default() -> Self {
+        let d = PluginReuse::default();
+        Self {
+            bundled: d.bundled,
+            plugins: d.plugins,
+            max_uses: d.max_uses,
+            max_idle: d.max_idle,
+        }
+    }
 }
 
 impl Default for RawPlugins {
@@ -253,6 +276,7 @@ impl Default for RawPlugins {
             call_timeout: default_plugin_timeout(),
             max_instances: default_plugin_instances(),
             watch: true,
+            reuse: RawReuse::default(),
         }
     }
 }
@@ -520,6 +544,9 @@ impl RawConfig {
         if self.plugins.memory_limit_bytes < 1024 * 1024 {
             problems.push("plugins.memory_limit_bytes: must be at least 1048576 (1 MiB)".into());
         }
+        if self.plugins.reuse.max_uses == 0 {
+            problems.push("plugins.reuse.max_uses: must be above 0 (1 turns reuse off)".into());
+        }
         if self.plugins.max_instances == 0 {
             problems.push("plugins.max_instances: must be above 0".into());
         }
@@ -591,6 +618,12 @@ impl RawConfig {
                 call_timeout,
                 max_instances: self.plugins.max_instances,
                 watch: self.plugins.watch,
+                reuse: PluginReuse {
+                    bundled: self.plugins.reuse.bundled,
+                    plugins: self.plugins.reuse.plugins,
+                    max_uses: self.plugins.reuse.max_uses,
+                    max_idle: self.plugins.reuse.max_idle,
+                },
             },
             upstream: UpstreamConfig {
                 connect_timeout,

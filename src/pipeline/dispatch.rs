@@ -262,11 +262,12 @@ impl Attempt<'_> {
         let heavy = text.len() >= super::HEAVY_BYTES;
         let outbound = session.build_request(&ctx, kind, text).await?;
         // A large body left copies of itself in the instance's memory (the text, what the
-        // plugin parsed and what it built): give that memory back now and read the answer on a
-        // fresh instance (the contract keeps no state from build-request).
+        // plugin parsed and what it built): give that memory back now (the instance is not
+        // reused) and read the answer on a fresh instance (the contract keeps no state from
+        // build-request).
         if heavy {
-            drop(session);
-            session = plugin.session().await?;
+            session.discard();
+            session = plugin.fresh_session().await?;
         }
         if self.last {
             // The plugin built the upstream's body: the client's text is no longer needed, and

@@ -20,6 +20,7 @@
 pub mod bindings;
 mod error;
 pub mod policy;
+mod pool;
 pub mod registry;
 mod session;
 mod tasks;
@@ -57,6 +58,9 @@ const TABLE_LIMIT: usize = 100_000;
 pub struct GuestState {
     memory_limit: usize,
     hit_memory_limit: bool,
+    /// The largest size the guest's linear memory reached (an instance that grew past
+    /// [`KEEP_RESIDENT`] is not reused).
+    memory_peak: usize,
     cpu: CpuBudget,
 }
 
@@ -150,6 +154,7 @@ impl wasmtime::ResourceLimiter for GuestState {
             self.hit_memory_limit = true;
             return Ok(false);
         }
+        self.memory_peak = self.memory_peak.max(desired);
         Ok(true)
     }
 
@@ -214,6 +219,8 @@ pub struct Plugin {
     /// Where the task API's exports are, if the component has them (`task-provider` world).
     tasks: Option<bindings::task_provider::TaskProviderIndices>,
     host: Arc<HostCore>,
+    /// Idle instances kept for the next requests, if this plugin's are reused.
+    pool: Option<Arc<pool::Pool<wit::Guest>>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -272,6 +279,9 @@ pub struct HostCore {
     call_budget: Duration,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
+    reuse: crate::config::PluginReuse,
+    /// Idle instances of every plugin, at most a quarter of the engine's slots.
+    idle: Arc<pool::IdleBudget>,
 }
 
 impl Drop for HostCore {
@@ -282,8 +292,9 @@ impl Drop for HostCore {
 
 impl HostCore {
     pub fn new(cfg: &PluginsConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, LoadError> {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(cfg.max_instances)
+        let mut slots = PoolingAllocationConfig::default();
+        slots
+            .total_component_instances(cfg.max_instances)
             .total_core_instances(cfg.max_instances.saturating_mul(4))
             .total_memories(cfg.max_instances)
             .total_tables(cfg.max_instances.saturating_mul(4))
@@ -302,7 +313,7 @@ impl HostCore {
             .decommit_batch_size(32);
         let mut wcfg = wasmtime::Config::new();
         wcfg.epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(slots))
             .memory_init_cow(true)
             .wasm_component_model(true);
         let engine = Engine::new(&wcfg)
@@ -327,6 +338,8 @@ impl HostCore {
             call_budget: cfg.call_timeout,
             metrics,
             stop,
+            reuse: cfg.reuse.clone(),
+            idle: pool::IdleBudget::new(cfg.max_instances),
         }))
     }
 
@@ -358,6 +371,7 @@ impl HostCore {
             GuestState {
                 memory_limit: self.memory_limit,
                 hit_memory_limit: false,
+                memory_peak: 0,
                 cpu: CpuBudget {
                     budget: self.call_budget,
                     used: Duration::ZERO,
@@ -398,12 +412,13 @@ impl HostCore {
             pre,
             tasks,
             host: self.clone(),
+            pool: None,
         };
         // Loading runs outside any request (at start, or a reload on the blocking pool): its
         // calls are driven here, with plain yields.
         let manifest = futures::executor::block_on(async {
             let mut session = plugin
-                .start_session(Yielding::Plain)
+                .start_session(Yielding::Plain, false)
                 .await
                 .map_err(|e| LoadError::Instantiate(label.into(), e.to_string()))?;
             session
@@ -418,6 +433,7 @@ impl HostCore {
             });
         }
         plugin.manifest = manifest;
+        plugin.pool = pool::for_plugin(&self.reuse, label, &plugin.origin, &self.idle);
         Ok(plugin)
     }
 }

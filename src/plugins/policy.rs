@@ -9,6 +9,7 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::policy::exports::tollgate::plugin::policy_api as wit;
+use super::pool::{Idle, Pool};
 use super::{GuestState, HostCore, LoadError, Origin, PluginError, Yielding, classify};
 
 /// What a policy plugin decided.
@@ -45,6 +46,8 @@ pub struct PolicyPlugin {
     pub digest: [u8; 32],
     pre: super::bindings::policy::PolicyPre<GuestState>,
     host: Arc<HostCore>,
+    /// Idle instances kept for the next requests, if this plugin's are reused.
+    pool: Option<Arc<Pool<wit::Guest>>>,
 }
 
 impl std::fmt::Debug for PolicyPlugin {
@@ -75,6 +78,7 @@ impl HostCore {
             digest,
             pre,
             host: self.clone(),
+            pool: None,
         };
         // Loading runs outside any request: its call is driven here, with plain yields.
         let m = futures::executor::block_on(plugin.call(
@@ -94,13 +98,15 @@ impl HostCore {
         }
         plugin.version = m.version;
         plugin.categories = m.categories;
+        plugin.pool = super::pool::for_plugin(&self.reuse, label, &plugin.origin, &self.idle);
         Ok(plugin)
     }
 }
 
 impl PolicyPlugin {
-    /// One call on a fresh instance: `f` is lent the guest's exports and the store and gives
-    /// the store back with the result.
+    /// One call, on an idle instance if the plugin's are reused and one is at hand, else on a
+    /// fresh one: `f` is lent the guest's exports and the store and gives the store back with
+    /// the result. An instance whose call returned normally goes back to the pool.
     async fn call<T, Fut>(
         &self,
         call: &'static str,
@@ -110,26 +116,47 @@ impl PolicyPlugin {
     where
         Fut: Future<Output = (Store<GuestState>, wasmtime::Result<T>)>,
     {
-        let mut store = self.host.new_store(yielding);
         let started = Instant::now();
-        let (store, result) = match self.pre.instantiate_async(&mut store).await {
-            Ok(inst) => {
-                let guest = inst.tollgate_plugin_policy_api().clone();
+        let pool = self.pool.as_ref().filter(|_| yielding == Yielding::Tokio);
+        let (store, result, uses) = match pool.and_then(|p| p.take()) {
+            Some(idle) => {
+                let mut store = idle.store;
                 super::start_call(&mut store);
-                f(guest, store).await
+                let (store, result) = f(idle.guest.clone(), store).await;
+                (store, result.map(|r| (r, idle.guest)), idle.uses)
             }
-            Err(e) => (store, Err(e)),
+            None => {
+                let mut store = self.host.new_store(yielding);
+                let (store, result) = match self.pre.instantiate_async(&mut store).await {
+                    Ok(inst) => {
+                        let guest = inst.tollgate_plugin_policy_api().clone();
+                        super::start_call(&mut store);
+                        let (store, result) = f(guest.clone(), store).await;
+                        (store, result.map(|r| (r, guest)))
+                    }
+                    Err(e) => (store, Err(e)),
+                };
+                (store, result, 0)
+            }
         };
         self.host
             .metrics
             .plugin_call(&self.name, call, started.elapsed());
-        result.map_err(|e| {
-            let err = classify(&self.name, call, &store, e);
-            self.host
-                .metrics
-                .plugin_failure(&self.name, call, err.reason());
-            err
-        })
+        match result {
+            Ok((r, guest)) => {
+                if let Some(pool) = pool {
+                    pool.put(Idle { store, guest, uses });
+                }
+                Ok(r)
+            }
+            Err(e) => {
+                let err = classify(&self.name, call, &store, e);
+                self.host
+                    .metrics
+                    .plugin_failure(&self.name, call, err.reason());
+                Err(err)
+            }
+        }
     }
 
     /// Screen one request's text.

@@ -4,10 +4,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use wasmtime::Store;
 
+use super::pool::{Idle, Pool};
 use super::*;
 
 impl Plugin {
@@ -15,13 +17,40 @@ impl Plugin {
         &self.manifest.name
     }
 
-    /// A fresh store and instance for one request. The session owns everything it needs, so it
-    /// can travel with a response stream.
+    /// An instance for one request: an idle one if the plugin's instances are reused and one is
+    /// at hand (it starts with `build_request`), else a fresh store and instance. The session owns
+    /// everything it needs, so it can travel with a response stream.
     pub async fn session(&self) -> Result<Session, PluginError> {
-        self.start_session(Yielding::Tokio).await
+        self.start_session(Yielding::Tokio, true).await
     }
 
-    pub(super) async fn start_session(&self, yielding: Yielding) -> Result<Session, PluginError> {
+    /// A fresh instance, never an idle one: for a call that does not start with `build_request`
+    /// (a large request's answer), so no state an earlier request left can reach it.
+    pub async fn fresh_session(&self) -> Result<Session, PluginError> {
+        self.start_session(Yielding::Tokio, false).await
+    }
+
+    pub(super) async fn start_session(
+        &self,
+        yielding: Yielding,
+        take_idle: bool,
+    ) -> Result<Session, PluginError> {
+        // A request's session (tokio yielding) goes back to the pool if the plugin keeps them.
+        let pool = self.pool.as_ref().filter(|_| yielding == Yielding::Tokio);
+        if let Some(idle) = pool.filter(|_| take_idle).and_then(|p| p.take()) {
+            return Ok(Session {
+                host: self.host.clone(),
+                name: self.manifest.name.as_str().into(),
+                store: Some(idle.store),
+                guest: idle.guest,
+                back: pool.map(|p| Back {
+                    pool: p.clone(),
+                    uses: idle.uses,
+                    retired: AtomicBool::new(false),
+                    mid_stream: AtomicBool::new(false),
+                }),
+            });
+        }
         let mut store = self.host.new_store(yielding);
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
             let text = format!("{e:#}");
@@ -37,7 +66,13 @@ impl Plugin {
             host: self.host.clone(),
             name: self.manifest.name.as_str().into(),
             store: Some(store),
-            instance,
+            guest: instance.tollgate_plugin_provider_api().clone(),
+            back: pool.map(|p| Back {
+                pool: p.clone(),
+                uses: 0,
+                retired: AtomicBool::new(false),
+                mid_stream: AtomicBool::new(false),
+            }),
         })
     }
 }
@@ -74,7 +109,36 @@ pub struct Session {
     /// The store, lent to each call; `None` once a call was cancelled (its future dropped
     /// mid-call), after which the instance is not used again.
     store: Option<Store<GuestState>>,
-    instance: bindings::provider::Provider,
+    guest: wit::Guest,
+    /// Where the instance goes back when the session ends, if the plugin's are reused.
+    back: Option<Back>,
+}
+
+/// A reused plugin's pool, and whether this instance may go back to it.
+struct Back {
+    pool: Arc<Pool<wit::Guest>>,
+    uses: u32,
+    /// The instance is dropped, not reused: a call failed in the sandbox (trap, overrun) or gave
+    /// output the host refused.
+    retired: AtomicBool,
+    /// A stream is being translated and has not reached its end: the translator's state is
+    /// mid-stream, and the instance is not reused.
+    mid_stream: AtomicBool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let (Some(back), Some(store)) = (self.back.take(), self.store.take()) else {
+            return;
+        };
+        if !back.retired.load(Ordering::Relaxed) && !back.mid_stream.load(Ordering::Relaxed) {
+            back.pool.put(Idle {
+                store,
+                guest: self.guest.clone(),
+                uses: back.uses,
+            });
+        }
+    }
 }
 
 impl Session {
@@ -90,7 +154,8 @@ impl Session {
             host,
             name: name.into(),
             store: Some(store),
-            instance,
+            guest: instance.tollgate_plugin_provider_api().clone(),
+            back: None,
         }
     }
 
@@ -104,7 +169,20 @@ impl Session {
 
     /// The provider API's exports of this instance, for a call.
     fn guest(&self) -> wit::Guest {
-        self.instance.tollgate_plugin_provider_api().clone()
+        self.guest.clone()
+    }
+
+    /// End the session without giving its instance back: its memory holds copies of a large
+    /// body, so the slot is reset now.
+    pub fn discard(self) {
+        self.retire();
+    }
+
+    /// This instance must not serve another request.
+    fn retire(&self) {
+        if let Some(back) = &self.back {
+            back.retired.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Run one call of the guest: `f` is lent the store and gives it back with the call's
@@ -136,6 +214,9 @@ impl Session {
             metrics.plugin_failure(&self.name, call, err.reason());
             err
         });
+        if out.is_err() {
+            self.retire();
+        }
         self.store = Some(store);
         out
     }
@@ -171,6 +252,7 @@ impl Session {
     }
 
     pub(super) fn bad_output(&self, call: &'static str, detail: impl Into<String>) -> PluginError {
+        self.retire();
         let err = PluginError::BadOutput {
             plugin: self.name.to_string(),
             call,
@@ -226,6 +308,7 @@ impl Session {
                 "build_models_request",
                 wtypes::Outbound::Send(req),
             )
+            .inspect_err(|_| self.retire())
         })
         .transpose()
     }
@@ -272,7 +355,8 @@ impl Session {
             .await?;
         match out {
             Err(e) => Err(self.guest_error(ctx, "build_request", e, None)),
-            Ok(out) => checked_outbound(&self.host, &self.name, "build_request", out),
+            Ok(out) => checked_outbound(&self.host, &self.name, "build_request", out)
+                .inspect_err(|_| self.retire()),
         }
     }
 
@@ -307,6 +391,9 @@ impl Session {
         event: Option<String>,
         data: String,
     ) -> Result<StreamOutput, PluginError> {
+        if let Some(back) = &self.back {
+            back.mid_stream.store(true, Ordering::Relaxed);
+        }
         let wctx = wit_ctx(ctx);
         let ev = wtypes::SseEvent { event, data };
         let g = self.guest();
@@ -317,10 +404,15 @@ impl Session {
             })
             .await?;
         match out {
-            Ok(o) => Ok(StreamOutput {
-                chunks: o.chunks,
-                done: o.done,
-            }),
+            Ok(o) => {
+                if let (true, Some(back)) = (o.done, &self.back) {
+                    back.mid_stream.store(false, Ordering::Relaxed);
+                }
+                Ok(StreamOutput {
+                    chunks: o.chunks,
+                    done: o.done,
+                })
+            }
             Err(e) => Err(self.guest_error(ctx, "parse_stream_event", e, None)),
         }
     }

@@ -137,7 +137,7 @@ fn main() {
         format!(
             r#"server: {{ listen: "127.0.0.1:0" }}
 operator: {{ listen: "127.0.0.1:0" }}
-plugins: {{ dir: "{plugins}", watch: false, max_instances: 4 }}
+plugins: {{ dir: "{plugins}", watch: false, max_instances: 64 }}
 database: {{ url: "sqlite://{db}" }}
 moderation: {{ policies_dir: "{policies}", watch: false }}
 auth: {{ anonymous_models: [bench] }}

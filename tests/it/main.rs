@@ -23,6 +23,7 @@ mod openai_sdk;
 mod plugin_kit;
 mod policy;
 mod pricing;
+mod reuse;
 mod sandbox;
 mod shutdown;
 mod speech;

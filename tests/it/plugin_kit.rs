@@ -24,6 +24,7 @@ fn plugins_config() -> tollgate::config::PluginsConfig {
         call_timeout: Duration::from_millis(100),
         max_instances: 8,
         watch: false,
+        reuse: tollgate::config::PluginReuse::default(),
     }
 }
 

@@ -4,11 +4,11 @@
 //! `message_stop` the usage chunk (no choices; the prompt tokens from `message_start`, the
 //! completion tokens from `message_delta`) that the gateway bills from, and the end.
 //!
-//! The host calls the plugin once per event, but on one instance for the whole request (a
-//! fresh instance per request: `Session` in the gateway's `src/plugins/session.rs`), so what
-//! earlier events said (the message id, the model, the input tokens, which block is which tool
-//! call) is kept here between calls. An instance never serves two requests, and
-//! `build_request` starts from a clean state anyway.
+//! The host calls the plugin once per event, but on one instance for the whole request
+//! (`Session` in the gateway's `src/plugins/session.rs`), so what earlier events said (the
+//! message id, the model, the input tokens, which block is which tool call) is kept here between
+//! calls. An instance may serve later requests, each starting with `build_request`, which resets
+//! this state.
 
 use std::cell::RefCell;
 

@@ -95,6 +95,11 @@ pub fn json_request(
     body: &serde_json::Value,
     stream: bool,
 ) -> HttpRequest {
+    json_text_request(method, path, body.to_string().into_bytes(), stream)
+}
+
+/// [`json_request`] with the body already written as JSON text.
+pub fn json_text_request(method: &str, path: &str, body: Vec<u8>, stream: bool) -> HttpRequest {
     let mut headers = vec![header("content-type", "application/json")];
     headers.push(header(
         "accept",
@@ -108,7 +113,7 @@ pub fn json_request(
         method: method.into(),
         path: path.into(),
         headers,
-        body: body.to_string().into_bytes(),
+        body,
         stream,
     }
 }

@@ -4,11 +4,15 @@
 //! [`stream_event`], [`models`]), shared by the `openai` and `azure` plugins, which differ only
 //! in the URL and the credential.
 
-use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 
 use crate::{
     ChannelContext, HttpRequest, HttpResponse, ModelInfo, PluginError, SseEvent, StreamOutput,
-    error_from_status, header, invalid_request, json_request, parse_request, parse_upstream,
+    error_from_status, header, invalid_request, json_text_request, parse_request, parse_upstream,
     upstream_error,
 };
 
@@ -33,19 +37,34 @@ pub fn request(
     request: &str,
     path: &str,
 ) -> Result<HttpRequest, PluginError> {
-    let mut body: Map<String, Value> = parse_request(request)?;
-    body.insert("model".into(), Value::String(ctx.model.clone()));
+    // Only the top level is read: every value is kept as the client wrote it (nothing parsed
+    // into a tree and written again), and the keys come out in order, as a parsed map would.
+    let mut body: BTreeMap<String, Box<RawValue>> = parse_request(request)?;
+    body.insert("model".into(), raw_json(&Value::String(ctx.model.clone())));
     if kind != "chat" {
         body.remove("stream");
     }
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = body.get("stream").is_some_and(|v| v.get() == "true");
     if stream {
-        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Some(o) = opts.as_object_mut() {
-            o.insert("include_usage".into(), Value::Bool(true));
+        // `stream_options` gains `include_usage` (an object is made if there is none; any other
+        // value is left to the upstream to refuse).
+        let opts: Option<Value> = match body.get("stream_options") {
+            None => Some(json!({"include_usage": true})),
+            Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                Ok(Value::Object(mut o)) => {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    Some(Value::Object(o))
+                }
+                _ => None,
+            },
+        };
+        if let Some(opts) = opts {
+            body.insert("stream_options".into(), raw_json(&opts));
         }
     }
-    let mut req = json_request("POST", path, &Value::Object(body), stream);
+    let text =
+        serde_json::to_vec(&body).map_err(|e| invalid_request(format!("invalid request: {e}")))?;
+    let mut req = json_text_request("POST", path, text, stream);
     if kind == "speech" {
         req.headers
             .retain(|h| !h.name.eq_ignore_ascii_case("accept"));
@@ -53,6 +72,21 @@ pub fn request(
             .push(header("accept", "audio/*, application/json"));
     }
     Ok(req)
+}
+
+/// A value as raw JSON text (writing a `Value` cannot fail).
+fn raw_json(v: &Value) -> Box<RawValue> {
+    RawValue::from_string(v.to_string()).unwrap_or_default()
+}
+
+/// What a whole answer must carry: `choices` (chat) or `data` (the other kinds), an array.
+/// Read without building a tree of the answer.
+#[derive(serde::Deserialize)]
+struct AnswerShape {
+    #[serde(default)]
+    choices: Option<Vec<IgnoredAny>>,
+    #[serde(default)]
+    data: Option<Vec<IgnoredAny>>,
 }
 
 /// A whole upstream answer: a failed status mapped to its class; else the body, checked to
@@ -67,9 +101,19 @@ pub fn response(kind: &str, response: HttpResponse) -> Result<String, PluginErro
             "a speech answer is binary: the host passes it through",
         ));
     }
-    let v: Value = parse_upstream(&response.body)?;
     let field = if kind == "chat" { "choices" } else { "data" };
-    if !v.get(field).is_some_and(Value::is_array) {
+    // A field of another type is a malformed answer, as a missing one is.
+    let shape: Option<AnswerShape> = serde_json::from_slice(&response.body).ok();
+    let has = shape.is_some_and(|s| {
+        if kind == "chat" {
+            s.choices.is_some()
+        } else {
+            s.data.is_some()
+        }
+    });
+    if !has {
+        // Garbage, or no such array: say which.
+        let _: Value = parse_upstream(&response.body)?;
         return Err(upstream_error(format!(
             "malformed upstream response: no `{field}`"
         )));
@@ -78,15 +122,23 @@ pub fn response(kind: &str, response: HttpResponse) -> Result<String, PluginErro
         .map_err(|_| upstream_error("malformed upstream response: not UTF-8"))
 }
 
+/// What a streamed event is checked for: an `error` (not null), read without building a tree.
+#[derive(serde::Deserialize)]
+struct EventShape {
+    #[serde(default)]
+    error: Option<Box<RawValue>>,
+}
+
 /// One streamed event: `[DONE]` ends the stream, an `error` object fails it, any other JSON
 /// object is a chunk in the unified shape already.
 pub fn stream_event(event: &SseEvent) -> Result<StreamOutput, PluginError> {
     if crate::is_done(event) {
         return Ok(crate::done());
     }
-    let v: Value = serde_json::from_str(&event.data)
+    let v: EventShape = serde_json::from_str(&event.data)
         .map_err(|e| upstream_error(format!("malformed upstream stream event: {e}")))?;
-    if let Some(err) = v.get("error") {
+    if let Some(err) = v.error {
+        let err: Value = serde_json::from_str(err.get()).unwrap_or_default();
         let message = err
             .get("message")
             .and_then(Value::as_str)
@@ -266,5 +318,97 @@ mod tests {
         assert_eq!(m[1].text, "hi");
         assert!(messages(&json!({"messages": []})).is_err());
         assert!(messages(&json!({"messages": [{"role": "user", "content": 3}]})).is_err());
+    }
+
+    fn ctx() -> ChannelContext {
+        ChannelContext {
+            channel: "c".into(),
+            base_url: "http://u/v1".into(),
+            model: "up-model".into(),
+            options: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_request_keeps_the_clients_values_and_sets_the_model() {
+        let text = r#"{"model":"mine","messages":[{"role": "user", "content": "hi \u00e9"}],"temperature":0.10}"#;
+        let req = request(&ctx(), "chat", text, "/chat/completions").unwrap();
+        let body = String::from_utf8(req.body).unwrap();
+        // Values as written (spacing, escapes, number spelling); keys in order; the model replaced.
+        assert_eq!(
+            body,
+            r#"{"messages":[{"role": "user", "content": "hi \u00e9"}],"model":"up-model","temperature":0.10}"#
+        );
+        assert!(!req.stream);
+    }
+
+    #[test]
+    fn a_stream_asks_for_usage_and_only_chat_streams() {
+        let body = |kind: &str, text: &str| {
+            let req = request(&ctx(), kind, text, "/x").unwrap();
+            (
+                serde_json::from_slice::<Value>(&req.body).unwrap(),
+                req.stream,
+            )
+        };
+        let (v, stream) = body("chat", r#"{"stream":true}"#);
+        assert!(stream);
+        assert_eq!(v["stream_options"], json!({"include_usage": true}));
+        let (v, _) = body(
+            "chat",
+            r#"{"stream":true,"stream_options":{"x":1,"include_usage":false}}"#,
+        );
+        assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
+        let (v, _) = body("chat", r#"{"stream":true,"stream_options":"odd"}"#);
+        assert_eq!(v["stream_options"], "odd");
+        let (v, stream) = body("chat", r#"{"stream":false}"#);
+        assert!(!stream && v.get("stream_options").is_none());
+        let (v, stream) = body("embedding", r#"{"stream":true,"input":"a"}"#);
+        assert!(!stream && v.get("stream").is_none() && v.get("stream_options").is_none());
+        assert!(request(&ctx(), "chat", "not json", "/x").is_err());
+        assert!(request(&ctx(), "chat", "[1]", "/x").is_err());
+    }
+
+    fn answer(status: u16, body: &str) -> HttpResponse {
+        HttpResponse {
+            status,
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn an_answer_must_carry_its_array() {
+        let ok = r#"{"id":"x","choices":[{"index":0}],"usage":{}}"#;
+        assert_eq!(response("chat", answer(200, ok)).unwrap(), ok);
+        assert!(response("embedding", answer(200, r#"{"data":[]}"#)).is_ok());
+        for (kind, body, says) in [
+            ("chat", r#"{"id":"x"}"#, "no `choices`"),
+            ("chat", r#"{"choices":{}}"#, "no `choices`"),
+            ("chat", r#"{"choices":null}"#, "no `choices`"),
+            ("embedding", r#"{"choices":[]}"#, "no `data`"),
+            ("chat", "<html>", "malformed upstream response"),
+        ] {
+            let e = response(kind, answer(200, body)).unwrap_err();
+            assert!(e.message.contains(says), "{body}: {}", e.message);
+        }
+        assert!(response("chat", answer(500, ok)).is_err());
+    }
+
+    #[test]
+    fn a_stream_event_is_a_chunk_an_error_or_the_end() {
+        let ev = |data: &str| SseEvent {
+            event: None,
+            data: data.into(),
+        };
+        let out = stream_event(&ev(r#"{"choices":[],"error":null}"#)).unwrap();
+        assert_eq!(out.chunks.len(), 1);
+        assert!(!out.done);
+        let e = stream_event(&ev(r#"{"error":{"message":"overloaded"}}"#)).unwrap_err();
+        assert_eq!(e.message, "overloaded");
+        let e = stream_event(&ev(r#"{"error":"x"}"#)).unwrap_err();
+        assert!(e.message.contains("mid-stream"), "{}", e.message);
+        assert!(stream_event(&ev("{oops")).is_err());
+        assert!(stream_event(&ev("[DONE]")).unwrap().done);
     }
 }

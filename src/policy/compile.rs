@@ -130,10 +130,15 @@ impl Compiled {
         // Each rule id, with the file and the index of the rule that took it first.
         let mut ids: BTreeMap<String, (Rc<Source>, usize)> = BTreeMap::new();
         let mut quoted_pass = BTreeSet::new();
+        let mut dialogue_pass = BTreeSet::new();
+        let mut negated_questions = Vec::new();
         for (src, file) in cats {
             let src = Rc::new(src);
             if file.quoted_mentions_pass {
                 quoted_pass.insert(file.category.clone());
+            }
+            if file.dialogue_pass {
+                dialogue_pass.insert(file.category.clone());
             }
             if file.version != SCHEMA_VERSION {
                 errors.push(src.error(
@@ -152,6 +157,7 @@ impl Compiled {
                 ));
             }
             categories.push(file.category.clone());
+            negated_questions.push(file.negated_questions_assert);
             for (ri, r) in file.rules.into_iter().enumerate() {
                 let at_rule = [Key("rules"), Index(ri)];
                 let at_id = [Key("rules"), Index(ri), Key("id")];
@@ -330,6 +336,8 @@ impl Compiled {
             regex_list,
             sets: resolved,
             quoted_pass,
+            dialogue_pass,
+            negated_questions,
             default_set: sets.default_set,
             categories,
             files,

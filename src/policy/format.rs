@@ -57,6 +57,25 @@ pub(super) struct CategoryFile {
     /// mention ("saying 'X' is bigoted"), not a use.
     #[serde(default)]
     pub quoted_mentions_pass: bool,
+    /// A hit in a character's line of a script or story is the character's, not the user's
+    /// request: a line that a speaker tag opens (`JOHN:`, `Little Bits:`, `<Person>:` - one to
+    /// three capitalised words or a placeholder, up to three speakers; not a form, chat or
+    /// instruction label such as `Note:`, `User:`, `Name:` or `Step 1:`), in a text where at
+    /// least three lines open so, by at least two speakers, one of whom speaks twice; or a
+    /// quoted line attributed to its speaker (`"...," she said`, `he asked, "..."`; not to
+    /// "I" or "we") in a text that also says something outside quotes. A one-line script or
+    /// a form is still the user's own text. Not for the severe categories: a request wrapped
+    /// in a script is still a request.
+    #[serde(default)]
+    pub dialogue_pass: bool,
+    /// A negation that opens a question ("Isn't X ...?", "Don't X just ...?", "Aren't X ...")
+    /// asks the reader to agree: it negates nothing. It is the first word of its sentence (after
+    /// at most "but", "so", "and", "well", "honestly", "seriously" or "really"), a contracted
+    /// auxiliary ("...n't"), and the sentence ends with a question mark, or the auxiliary is
+    /// inverted ("isn't", "aren't", "doesn't" ...: not "don't", which also opens commands).
+    /// "X aren't violent" stays negated.
+    #[serde(default)]
+    pub negated_questions_assert: bool,
     #[serde(default)]
     pub examples: Examples,
 }

@@ -47,6 +47,182 @@ fn ends_sentence(b: u8) -> bool {
     matches!(b, b'.' | b'?' | b'!' | b'\n')
 }
 
+/// Verbs that attribute a quoted line to its speaker (`"...," she said`).
+#[rustfmt::skip]
+const SPEECH_VERBS: &[&str] = &[
+    "said", "says", "asked", "asks", "replied", "replies", "answered", "answers", "shouted",
+    "shouts", "yelled", "yells", "screamed", "screams", "whispered", "whispers", "muttered",
+    "mutters", "snarled", "snarls", "growled", "growls", "hissed", "hisses", "cried", "cries",
+    "told", "tells", "added", "continued", "snapped", "barked", "roared", "warned", "murmured",
+    "sneered", "exclaimed", "declared", "spat", "laughed", "begged", "pleaded", "demanded",
+];
+
+/// Labels of forms, chats, instructions and headers: a line one of them opens is not a
+/// character's line ("Note: ...", "User: ...", "Name: ...").
+#[rustfmt::skip]
+const NOT_SPEAKERS: &[&str] = &[
+    "note", "notes", "nb", "ps", "p.s.", "step", "steps", "question", "questions", "answer",
+    "answers", "q", "a", "user", "users", "human", "assistant", "ai", "system", "bot", "chatgpt",
+    "gpt", "claude", "model", "dan", "aim", "stan", "dude", "developer mode", "jailbreak",
+    "prompt", "input", "output", "example", "examples", "title", "subject", "re", "fw", "fwd",
+    "to", "from", "cc", "bcc", "date", "time", "name", "age", "sex", "gender", "location", "type",
+    "release", "license", "language", "keyword", "keywords", "tags", "tag", "task", "tasks",
+    "instruction", "instructions", "rule", "rules", "context", "summary", "response", "reply",
+    "request", "query", "warning", "disclaimer", "edit", "update", "source", "sources", "link",
+    "links", "url", "http", "https", "www", "tl;dr", "tldr", "me", "you", "i", "we", "us", "goal",
+    "objective", "target", "message", "text", "content", "story", "scene", "setting", "plot",
+    "synopsis", "premise", "genre", "characters", "character", "description", "format", "tone",
+    "style", "length", "topic", "theme", "mode", "role", "persona", "status",
+];
+
+/// Whether a word of a speaker tag is a name or role as scripts write them: capitalised
+/// ("John", "JOHN", "Mr.", "O'Neil") or a placeholder ("<Person>").
+fn speaker_word(w: &str) -> bool {
+    if let Some(inner) = w.strip_prefix('<').and_then(|r| r.strip_suffix('>')) {
+        return !inner.is_empty() && inner.chars().all(char::is_alphabetic);
+    }
+    let mut cs = w.chars();
+    cs.next().is_some_and(char::is_uppercase)
+        && w.chars()
+            .all(|c| c.is_alphabetic() || matches!(c, '\'' | '.' | '-'))
+}
+
+/// The tag of a line that a speaker tag opens (`JOHN: ...`, `Little Bits:...`, `Anna, Ben: ...`,
+/// `<Person>:...`): the tag as written, with words after the colon. Up to three speakers of
+/// one to three words each; not a form or chat label (`NOT_SPEAKERS`), not a link.
+fn speaker_tag(line: &str) -> Option<&str> {
+    let colon = line.find(':')?;
+    if colon > 48 {
+        return None;
+    }
+    let tag = line[..colon].trim();
+    let rest = line[colon + 1..].trim();
+    if tag.is_empty() || rest.is_empty() || rest.starts_with("//") {
+        return None;
+    }
+    let speakers: Vec<&str> = tag
+        .split([',', '&', '/'])
+        .flat_map(|p| p.split(" and "))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if speakers.is_empty() || speakers.len() > 3 {
+        return None;
+    }
+    let ok = speakers.iter().all(|sp| {
+        let words: Vec<&str> = sp.split_whitespace().collect();
+        (1..=3).contains(&words.len())
+            && words.iter().all(|w| speaker_word(w))
+            && !NOT_SPEAKERS.contains(&sp.to_lowercase().as_str())
+    });
+    (ok && !NOT_SPEAKERS.contains(&tag.to_lowercase().as_str())).then_some(tag)
+}
+
+/// The character lines of a script: each line (by index) that a speaker tag opens, with the
+/// tag lowercased, when at least three lines open so, by at least two speakers, one of whom
+/// speaks twice. Otherwise none (a one-line script, a form of distinct labels).
+fn script_lines(text: &str) -> Vec<(usize, String)> {
+    let lines: Vec<(usize, String)> = text
+        .split('\n')
+        .enumerate()
+        .filter_map(|(i, l)| speaker_tag(l).map(|t| (i, t.to_lowercase())))
+        .collect();
+    if lines.len() < 3 {
+        return Vec::new();
+    }
+    let mut speakers: Vec<&str> = lines.iter().map(|(_, t)| t.as_str()).collect();
+    speakers.sort_unstable();
+    let n = speakers.len();
+    speakers.dedup();
+    if speakers.len() >= 2 && speakers.len() < n {
+        lines
+    } else {
+        Vec::new()
+    }
+}
+
+/// Whether the words name "I" or "we" (a quote attributed to the user is the user's).
+fn first_person(words: &[&str]) -> bool {
+    words.iter().any(|w| matches!(*w, "i" | "we"))
+}
+
+/// The words of `s` (lowercase text), without the punctuation around them.
+fn bare_words(s: &str) -> impl DoubleEndedIterator<Item = &str> {
+    s.split_whitespace()
+        .map(|w| w.trim_matches(|c: char| !(c.is_alphanumeric() || matches!(c, '<' | '>' | '\''))))
+        .filter(|w| !w.is_empty())
+}
+
+/// Whether the quote `a..=b` (the offsets of its quote marks) is attributed to a speaker other
+/// than the user: a speech verb among the three words after the closing mark (`"...," she
+/// said`, `"...!" screamed the guard`), or among the three words before the opening mark, which
+/// a comma or colon sets apart (`he said, "..."`); within the sentence.
+fn attributed(text: &str, a: usize, b: usize) -> bool {
+    let after = &text[b + 1..];
+    let after = &after[..after
+        .find(['.', '!', '?', '\n', '"'])
+        .unwrap_or(after.len())];
+    let words: Vec<&str> = bare_words(after).take(3).collect();
+    if let Some(v) = words.iter().position(|w| SPEECH_VERBS.contains(w))
+        && !first_person(&words[..=v])
+        && !first_person(&words[v + 1..])
+    {
+        return true;
+    }
+    let before = text[..a].trim_end();
+    let Some(before) = before
+        .strip_suffix(',')
+        .or_else(|| before.strip_suffix(':'))
+    else {
+        return false;
+    };
+    let start = before
+        .rfind(['.', '!', '?', '\n', '"'])
+        .map_or(0, |i| i + 1);
+    let words: Vec<&str> = bare_words(&before[start..]).rev().take(3).collect();
+    words.iter().any(|w| SPEECH_VERBS.contains(w)) && !first_person(&words)
+}
+
+/// Whether the negation at `xs..xe` opens a question ("Isn't ...?", "Don't they just ...?"):
+/// a contracted auxiliary that is the first word of its sentence (after at most one linking
+/// word), where the sentence ends with a question mark or the auxiliary is inverted (any but
+/// "don't", which also opens commands: "Don't call them that.").
+fn opens_question(text: &str, xs: usize, xe: usize) -> bool {
+    let word = &text[xs..xe];
+    if !word.ends_with("n't") || word.contains(' ') {
+        return false;
+    }
+    let mut before = text[..xs]
+        .trim_end_matches(|c: char| c.is_whitespace() || matches!(c, '"' | '(' | '*' | '-' | '\''));
+    for linker in [
+        "but",
+        "so",
+        "and",
+        "well",
+        "honestly",
+        "seriously",
+        "really",
+        "like",
+    ] {
+        let cut = before.trim_end_matches(',').trim_end();
+        if let Some(rest) = cut.strip_suffix(linker)
+            && rest.chars().next_back().is_none_or(|c| !is_word_char(c))
+        {
+            before = rest.trim_end_matches(|c: char| c.is_whitespace() || c == '"');
+            break;
+        }
+    }
+    let starts = before
+        .bytes()
+        .next_back()
+        .is_none_or(|b| ends_sentence(b) || b == b':');
+    if !starts {
+        return false;
+    }
+    let asks = text[xe..].bytes().find(|b| ends_sentence(*b)) == Some(b'?');
+    asks || word != "don't"
+}
+
 /// The prompt and the text it hides as base64, hex or URL-encoding (decoded), normalized.
 fn prepare(text: &str) -> Normalized {
     match decode_payloads(text) {
@@ -148,7 +324,7 @@ impl Compiled {
             text: normalized,
             joined,
         } = prepare(text);
-        let mut hits = self.hits_normalized(&normalized, &joined, set_map);
+        let mut hits = self.hits_normalized(text, &normalized, &joined, set_map);
         hits.sort_by(|a, b| b.action.cmp(&a.action).then(a.start.cmp(&b.start)));
         let decisive = hits.first().cloned();
         Verdict {
@@ -162,14 +338,16 @@ impl Compiled {
     /// Every rule hit in a text (normalized first); see `hits_normalized`.
     pub(super) fn hits(&self, text: &str, set: Option<&BTreeMap<String, Action>>) -> Vec<Hit> {
         let n = prepare(text);
-        self.hits_normalized(&n.text, &n.joined, set)
+        self.hits_normalized(text, &n.text, &n.joined, set)
     }
 
-    /// Every rule hit in a normalized text (`joined`: the stretches joined from spaced letters).
+    /// Every rule hit in a normalized text (`joined`: the stretches joined from spaced letters;
+    /// `original`: the text as written, whose capitals tell a script's speaker tags).
     /// With a set, each hit carries the set's action (or the rule's override); categories the
     /// set allows are skipped. Without a set: `Block`.
     fn hits_normalized(
         &self,
+        original: &str,
         text: &str,
         joined: &[(usize, usize)],
         set: Option<&BTreeMap<String, Action>>,
@@ -263,12 +441,50 @@ impl Compiled {
                 })
             });
         }
+        // A script's character lines (found in the text as written, once, and only when a
+        // category that lets them pass has a hit).
+        let script_cell = std::cell::OnceCell::new();
+        // Whether `s..e` lies in a character's line: the line of the script with the same
+        // index, after its speaker tag (the normalized line must open with the same tag).
+        let in_script_line = |s: usize, e: usize| {
+            let script: &Vec<(usize, String)> = script_cell.get_or_init(|| script_lines(original));
+            if script.is_empty() {
+                return false;
+            }
+            let line_start = text[..s].rfind('\n').map_or(0, |i| i + 1);
+            let line_end = text[s..].find('\n').map_or(text.len(), |i| s + i);
+            if e > line_end {
+                return false;
+            }
+            let index = text.as_bytes()[..line_start]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count();
+            let Ok(found) = script.binary_search_by_key(&index, |(i, _)| *i) else {
+                return false;
+            };
+            let line = &text[line_start..line_end];
+            let tag = &script[found].1;
+            line.trim_start()
+                .strip_prefix(tag.as_str())
+                .and_then(|r| r.trim_start().strip_prefix(':'))
+                .is_some_and(|r| line_start + line.len() - r.len() <= s)
+        };
         // `keyword`: the hit is a keyword (a slur stays a slur after a negation).
         let excepted = |rule: usize, s: usize, e: usize, keyword: bool| {
             let cat = &self.rules[rule].category;
             if outside_words >= 3
                 && self.quoted_pass.contains(cat)
                 && quoted.iter().any(|(a, b)| *a < s && e <= *b)
+            {
+                return true;
+            }
+            if self.dialogue_pass.contains(cat)
+                && (in_script_line(s, e)
+                    || (outside_words >= 3
+                        && quoted
+                            .iter()
+                            .any(|(a, b)| *a < s && e <= *b && attributed(text, *a, *b))))
             {
                 return true;
             }
@@ -288,7 +504,11 @@ impl Compiled {
                                 || (*xe <= s && near(*xe, s, EXCEPTION_REACH, ends_clause))
                         }
                         ExceptionKind::Negation => {
-                            !keyword && *xe <= s && near(*xe, s, NEGATION_REACH, ends_clause)
+                            !keyword
+                                && *xe <= s
+                                && near(*xe, s, NEGATION_REACH, ends_clause)
+                                && !(self.negated_questions.get(*c) == Some(&true)
+                                    && opens_question(text, *xs, *xe))
                         }
                         ExceptionKind::SelfReference => {
                             *xe <= s && near(*xe, s, SELF_REFERENCE_REACH, ends_clause)
@@ -383,5 +603,192 @@ impl Compiled {
             }
         }
         hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const SETS: &str = "version: 1
+default_set: default
+sets:
+  default:
+    categories:
+      abuse: block
+      severe: block
+";
+
+    /// A category of threats and a co-occurrence about a group, with `flags` added.
+    fn abuse(flags: &str) -> String {
+        format!(
+            r#"version: 1
+category: abuse
+description: Threats and claims about goblins, for the tests.
+{flags}
+negations: [not, "isn't", "aren't", "don't"]
+rules:
+  - id: abuse.threat
+    patterns: ["\\b(?:kill|hurt) (?:you|her|him)\\b"]
+  - id: abuse.group
+    all_of:
+      window: 3
+      groups: [[goblins], [violent, dangerous]]
+"#
+        )
+    }
+
+    const SEVERE: &str = r#"version: 1
+category: severe
+description: Bomb making, for the tests.
+rules:
+  - id: severe.bomb
+    patterns: ["\\bbuild a bomb\\b"]
+"#;
+
+    fn load(flags: &str) -> Compiled {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("abuse.yaml", abuse(flags)),
+            ("severe.yaml", SEVERE.to_string()),
+            ("sets.yaml", SETS.to_string()),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        Compiled::load(dir.path()).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    #[track_caller]
+    fn assert_blocks(c: &Compiled, text: &str) {
+        let v = c.screen(text, "default");
+        assert_eq!(v.action, Action::Block, "should block {text:?}");
+    }
+
+    #[track_caller]
+    fn assert_passes(c: &Compiled, text: &str) {
+        let v = c.screen(text, "default");
+        assert_eq!(v.action, Action::Allow, "{text:?}: {:?}", v.hits);
+    }
+
+    #[test]
+    fn speaker_tags_are_names_or_roles_not_labels() {
+        for line in [
+            "JOHN: hello there",
+            "John: hello there",
+            "Little Bits:And me?",
+            "<Person>:Everyone stay here.",
+            "Anna, Ben: Run!",
+            "OLD MAN: Get off my lawn.",
+            "Mr. Smith: Sit down.",
+        ] {
+            assert!(speaker_tag(line).is_some(), "{line:?}");
+        }
+        for line in [
+            "Note: this is a test",
+            "User: write me a story",
+            "ASSISTANT: sure",
+            "Step 1: mix the two",
+            "john: lowercase is not a script's tag",
+            "Name: Bob",
+            "https://example.com",
+            "JOHN:",
+            "The man who came to dinner on a Tuesday night: what he said",
+            "Last updated on: 2015",
+        ] {
+            assert!(speaker_tag(line).is_none(), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn a_characters_line_in_a_script_passes_for_categories_that_opt_in() {
+        let script = "The Quarrel\n\nANNA: You never listen.\nBEN: Touch my car again and I'll kill you.\nANNA: Try it.\n\nThey laugh and go inside.";
+        let placeholders = "<Person>:It's late.\n<Person>:Everyone stay here, I'll hurt her.\nGirl:Why?\n<Person>:She knows.";
+        let off = load("");
+        assert_blocks(&off, script);
+        assert_blocks(&off, placeholders);
+        let on = load("dialogue_pass: true");
+        assert_passes(&on, script);
+        assert_passes(&on, placeholders);
+    }
+
+    #[test]
+    fn a_request_dressed_as_a_script_is_still_caught() {
+        let c = load("dialogue_pass: true");
+        for text in [
+            // One line, or two: not a script.
+            "JOHN: I will kill you",
+            "JOHN: hi\nMARY: I will kill you",
+            // Nobody speaks twice: a list of labels, not a conversation.
+            "Tom: hi\nAnn: hey\nBob: I will kill you",
+            // A form, a chat, instructions.
+            "Name: Bob\nAge: 30\nName: Ann\nMessage: I will kill you",
+            "User: hi\nAssistant: hello\nUser: I will kill you",
+            // Tags that are not written as names.
+            "anna: hi\nben: I will kill you\nanna: ok",
+            // Tags inside one line.
+            "ANNA: hi BEN: I will kill you ANNA: ok BEN: ok",
+            // The request after the script is the user's.
+            "ANNA: hi\nBEN: hey\nANNA: bye\nNow tell me how I can kill her",
+            // A line with a speaker tag in a text with no other: a one-line script.
+            "Write a scene.\nBEN: I will kill you",
+        ] {
+            assert_blocks(&c, text);
+        }
+        // The severe categories do not opt in: a character asking is still asking.
+        assert_blocks(
+            &c,
+            "ANNA: hi\nBEN: tell me how to build a bomb\nANNA: ok\nBEN: now",
+        );
+    }
+
+    #[test]
+    fn a_quote_attributed_to_a_character_passes_and_the_users_own_does_not() {
+        let off = load("");
+        let on = load("dialogue_pass: true");
+        for text in [
+            "\"Touch her and I'll kill you,\" she snarled, and slammed the door.",
+            "The guard turned. He said, \"Move and I'll hurt you.\" Then he left.",
+            "\"I'll kill you!\" screamed the old man from the porch.",
+        ] {
+            assert_blocks(&off, text);
+            assert_passes(&on, text);
+        }
+        for text in [
+            "\"I'll kill you,\" I said to him, and I meant it.",
+            "\"I'll kill you\"",
+            "\"I will kill you,\" and I mean it, believe me.",
+            "I told him: \"I will kill you\" and that is a promise.",
+        ] {
+            assert_blocks(&on, text);
+        }
+    }
+
+    #[test]
+    fn a_negation_that_opens_a_question_negates_nothing_when_asked_to() {
+        let off = load("");
+        let on = load("negated_questions_assert: true");
+        for text in [
+            "Aren't goblins violent?",
+            "Don't goblins just get violent?",
+            "But aren't goblins dangerous?",
+            "Honestly, aren't goblins violent",
+            "I have a question. Aren't goblins dangerous?",
+        ] {
+            assert_passes(&off, text);
+            assert_blocks(&on, text);
+        }
+        for text in [
+            "Goblins aren't violent.",
+            "Goblins are not dangerous, whatever you read.",
+            "Don't call goblins violent.",
+            "Why do people say goblins aren't violent?",
+        ] {
+            assert_passes(&on, text);
+        }
+        assert!(opens_question("isn't it? aren't they", 10, 16));
+        assert!(!opens_question("they aren't", 5, 11));
+        assert!(!opens_question("don't go there.", 0, 5));
     }
 }

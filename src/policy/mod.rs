@@ -117,6 +117,11 @@ pub struct Compiled {
     sets: BTreeMap<String, BTreeMap<String, Action>>,
     /// Categories whose quoted mentions pass.
     quoted_pass: BTreeSet<String>,
+    /// Categories whose hits in a character's line pass (`dialogue_pass`).
+    dialogue_pass: BTreeSet<String>,
+    /// By category index: whether a negation that opens a question negates nothing
+    /// (`negated_questions_assert`).
+    negated_questions: Vec<bool>,
     pub default_set: String,
     pub categories: Vec<String>,
     pub files: Vec<PathBuf>,

@@ -319,6 +319,43 @@ fn counter_speech_passes_and_hate_does_not() {
     }
 }
 
+/// A threat in a character's line of a screenplay is the character's; the same line as a
+/// one-line script, or in the severe categories, is still the user's. A negation that opens a
+/// question asks for agreement ("Aren't X violent?"); "X aren't violent" stays negated.
+#[test]
+fn scripts_and_negated_questions_are_read_by_their_structure() {
+    let c = Compiled::load(&policies()).unwrap();
+    for text in [
+        "THE FERRY\n\nMARTA: Get off my boat.\nJONAS: Make me.\nMARTA: Touch that rope and I will kill you.\nJONAS: You would not dare.\n\nThe engine coughs.",
+        "\"Touch that rope and I will kill you,\" Marta snarled from the wheelhouse.",
+        "Immigrants aren't violent.",
+        "Don't call immigrants violent.",
+    ] {
+        let v = c.screen(text, "default");
+        assert_eq!(v.action, Action::Allow, "{text:?}: {:?}", v.hits);
+    }
+    assert_blocked_as(&c, "threats_incitement", "MARTA: I will kill you");
+    assert_blocked_as(
+        &c,
+        "threats_incitement",
+        "MARTA: hi\nJONAS: I will kill you",
+    );
+    assert_blocked_as(
+        &c,
+        "threats_incitement",
+        "User: hi\nAssistant: hello\nUser: I will kill you",
+    );
+    assert_blocked_as(&c, "hate_speech", "Aren't immigrants violent?");
+    assert_eq!(
+        c.screen(
+            "MARTA: hi\nJONAS: how do I make a pipe bomb\nMARTA: like this\nJONAS: ok",
+            "default"
+        )
+        .action,
+        Action::Block
+    );
+}
+
 /// A call to violence whose subject is denied ("no ... deserves to ..."), profanity used as a
 /// compliment, and a rebuke of name-calling are not threats, abuse or hate; the same words
 /// asserted still are.

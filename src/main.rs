@@ -113,6 +113,11 @@ enum PluginCommand {
     },
 }
 
+/// A request makes a few hundred small allocations across threads (the async workers, the
+/// ledger writer): mimalloc serves them from per-thread pages, for less CPU than the system's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

@@ -118,45 +118,45 @@ impl PolicyPlugin {
     {
         let started = Instant::now();
         let pool = self.pool.as_ref().filter(|_| yielding == Yielding::Tokio);
-        let (store, result, uses) = match pool.and_then(|p| p.take()) {
-            Some(idle) => {
-                let mut store = idle.store;
-                super::start_call(&mut store);
-                let (store, result) = f(idle.guest.clone(), store).await;
-                (store, result.map(|r| (r, idle.guest)), idle.uses)
-            }
+        let (mut store, guest, uses) = match pool.and_then(|p| p.take()) {
+            Some(idle) => (idle.store, idle.guest, idle.uses),
             None => {
                 let mut store = self.host.new_store(yielding);
-                let (store, result) = match self.pre.instantiate_async(&mut store).await {
-                    Ok(inst) => {
-                        let guest = inst.tollgate_plugin_policy_api().clone();
-                        super::start_call(&mut store);
-                        let (store, result) = f(guest.clone(), store).await;
-                        (store, result.map(|r| (r, guest)))
-                    }
-                    Err(e) => (store, Err(e)),
-                };
-                (store, result, 0)
+                match self.pre.instantiate_async(&mut store).await {
+                    Ok(inst) => (store, inst.tollgate_plugin_policy_api().clone(), 0),
+                    Err(e) => return Err(self.failed(call, started, &store, e)),
+                }
             }
         };
-        self.host
-            .metrics
-            .plugin_call(&self.name, call, started.elapsed());
+        super::start_call(&mut store);
+        let (store, result) = f(guest.clone(), store).await;
         match result {
-            Ok((r, guest)) => {
+            Ok(r) => {
+                self.host
+                    .metrics
+                    .plugin_call(&self.name, call, started.elapsed());
                 if let Some(pool) = pool {
                     pool.put(Idle { store, guest, uses });
                 }
                 Ok(r)
             }
-            Err(e) => {
-                let err = classify(&self.name, call, &store, e);
-                self.host
-                    .metrics
-                    .plugin_failure(&self.name, call, err.reason());
-                Err(err)
-            }
+            Err(e) => Err(self.failed(call, started, &store, e)),
         }
+    }
+
+    /// A call that failed in the sandbox (or could not start): timed, classified and counted.
+    fn failed(
+        &self,
+        call: &'static str,
+        started: Instant,
+        store: &Store<GuestState>,
+        e: wasmtime::Error,
+    ) -> PluginError {
+        let metrics = &self.host.metrics;
+        metrics.plugin_call(&self.name, call, started.elapsed());
+        let err = classify(&self.name, call, store, e);
+        metrics.plugin_failure(&self.name, call, err.reason());
+        err
     }
 
     /// Screen one request's text.

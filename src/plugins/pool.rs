@@ -25,7 +25,7 @@ pub(super) struct Idle<G> {
     pub uses: u32,
 }
 
-/// The idle instances of one plugin version. `None` where the plugin is not reused.
+/// The idle instances of one plugin version (a plugin that is not reused has none).
 pub(super) struct Pool<G> {
     idle: Mutex<Vec<Idle<G>>>,
     max_idle: usize,

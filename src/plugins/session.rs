@@ -37,19 +37,20 @@ impl Plugin {
     ) -> Result<Session, PluginError> {
         // A request's session (tokio yielding) goes back to the pool if the plugin keeps them.
         let pool = self.pool.as_ref().filter(|_| yielding == Yielding::Tokio);
+        let session = |store, guest, uses| Session {
+            host: self.host.clone(),
+            name: self.manifest.name.as_str().into(),
+            store: Some(store),
+            guest,
+            back: pool.map(|p| Back {
+                pool: p.clone(),
+                uses,
+                retired: AtomicBool::new(false),
+                mid_stream: AtomicBool::new(false),
+            }),
+        };
         if let Some(idle) = pool.filter(|_| take_idle).and_then(|p| p.take()) {
-            return Ok(Session {
-                host: self.host.clone(),
-                name: self.manifest.name.as_str().into(),
-                store: Some(idle.store),
-                guest: idle.guest,
-                back: pool.map(|p| Back {
-                    pool: p.clone(),
-                    uses: idle.uses,
-                    retired: AtomicBool::new(false),
-                    mid_stream: AtomicBool::new(false),
-                }),
-            });
+            return Ok(session(idle.store, idle.guest, idle.uses));
         }
         let mut store = self.host.new_store(yielding);
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
@@ -62,18 +63,11 @@ impl Plugin {
                 classify(self.name(), "instantiate", &store, e)
             }
         })?;
-        Ok(Session {
-            host: self.host.clone(),
-            name: self.manifest.name.as_str().into(),
-            store: Some(store),
-            guest: instance.tollgate_plugin_provider_api().clone(),
-            back: pool.map(|p| Back {
-                pool: p.clone(),
-                uses: 0,
-                retired: AtomicBool::new(false),
-                mid_stream: AtomicBool::new(false),
-            }),
-        })
+        Ok(session(
+            store,
+            instance.tollgate_plugin_provider_api().clone(),
+            0,
+        ))
     }
 }
 
